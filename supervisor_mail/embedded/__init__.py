@@ -1,0 +1,1 @@
+"""Local servers on loopback for the demo and the test suite."""
