@@ -1,0 +1,309 @@
+"""The state DB: ``<data_dir>/<host_id>.db``, SQLite in WAL mode on a ramdisk.
+
+It holds only what can be rebuilt from PostgreSQL — the sync workers' queue
+slices (``tasks``), one heartbeat row a process (``heartbeats``) and the master's
+facts (``engine``) — so deleting it loses nothing. That is what makes the
+watchdog's automatic reset safe.
+
+Each process opens its own connection after the fork. Statements are single and
+short, with a busy timeout, so fifteen processes share the file without
+"database is locked" reaching anyone. Ages are measured on ``time.monotonic()``,
+which on Linux is one clock for every process of the host and never jumps.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+
+from supervisor_mail.config import Config
+from supervisor_mail.errors import StateError
+from supervisor_mail.states import TaskState
+
+MASTER_SLOT = -1
+PLANNER_SLOT = -2
+BUSY_TIMEOUT = 5.0  # seconds a statement waits for another process's write
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id        INTEGER PRIMARY KEY,
+    kind      TEXT NOT NULL,             -- states.TaskKind
+    acntid    INTEGER NOT NULL,
+    emfdid    INTEGER NOT NULL,          -- 0 for an account-wide task (folder discovery)
+    folder    TEXT NOT NULL DEFAULT '',  -- display name, for titles and status
+    priority  INTEGER NOT NULL,          -- lower runs first: hi recent, hi full, lo full
+    due       REAL NOT NULL,             -- wall clock (epoch seconds)
+    slot      INTEGER NOT NULL,          -- the sync worker whose slice holds it
+    state     TEXT NOT NULL DEFAULT 'queued',
+    attempts  INTEGER NOT NULL DEFAULT 0,  -- times it hung its worker
+    reason    TEXT,                      -- why it was set aside
+    queued_at REAL NOT NULL,
+    started   REAL,                      -- monotonic, when a worker took it
+    UNIQUE (acntid, emfdid, kind)
+);
+CREATE INDEX IF NOT EXISTS tasks_slice ON tasks (slot, state, priority, due);
+CREATE TABLE IF NOT EXISTS heartbeats (
+    slot        INTEGER PRIMARY KEY,     -- -1 master, -2 planner, 0.. workers
+    role        TEXT NOT NULL,           -- states.ProcessRole
+    pid         INTEGER NOT NULL,
+    backend_pid INTEGER,                 -- its PostgreSQL backend, for pg_blocking_pids
+    task_id     INTEGER,
+    acntid      INTEGER,
+    emfdid      INTEGER,
+    folder      TEXT,
+    phase       TEXT NOT NULL DEFAULT 'starting',
+    progress    INTEGER NOT NULL DEFAULT 0,
+    beat        REAL NOT NULL,           -- monotonic time of the last beat
+    started     REAL NOT NULL            -- monotonic time the process started
+);
+CREATE TABLE IF NOT EXISTS engine (
+    key   TEXT PRIMARY KEY,
+    value TEXT
+);
+"""
+
+
+@dataclass
+class Task:
+    id: int
+    kind: str
+    acntid: int
+    emfdid: int  # 0: the task is about the whole account
+    folder: str
+    priority: int
+    due: float
+    slot: int
+    state: str
+    attempts: int
+    reason: str | None
+    queued_at: float
+    started: float | None
+
+
+@dataclass(frozen=True)
+class NewTask:
+    """What the planner decided is due; ``enqueue`` chooses its slice."""
+
+    kind: str
+    acntid: int
+    emfdid: int  # 0: the whole account
+    folder: str
+    priority: int
+    due: float
+
+
+@dataclass
+class Heartbeat:
+    slot: int
+    role: str
+    pid: int
+    backend_pid: int | None
+    task_id: int | None
+    acntid: int | None
+    emfdid: int | None
+    folder: str | None
+    phase: str
+    progress: int
+    beat: float
+    started: float
+
+    def age(self, now: float | None = None) -> float:
+        return (time.monotonic() if now is None else now) - self.beat
+
+
+def db_path(cfg: Config) -> str:
+    return os.path.join(cfg.engine.data_dir, f"{cfg.engine.host_id}.db")
+
+
+def remove_files(path: str) -> list[str]:
+    """Delete the DB with its -wal and -shm files; return what was there."""
+    removed = []
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            os.unlink(name)
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+class StateDB:
+    """One process's connection to the state DB, reopened when the file is replaced."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+        self._inode: int | None = None
+
+    @classmethod
+    def for_config(cls, cfg: Config) -> StateDB:
+        return cls(db_path(cfg))
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None or self._replaced():
+            self.open()
+        assert self._conn is not None
+        return self._conn
+
+    def _replaced(self) -> bool:
+        """True when the file was deleted or recreated under us (a reset, a wiped tmpfs)."""
+        try:
+            return os.stat(self.path).st_ino != self._inode
+        except FileNotFoundError:
+            return True
+
+    def open(self) -> None:
+        """Open (creating it and its schema when missing); a full or read-only disk is a
+        StateError naming the file."""
+        self.close()
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # a ramdisk: durability is not the point
+            conn.executescript(SCHEMA)
+        except (sqlite3.OperationalError, OSError) as exc:
+            raise StateError(f"state DB {self.path}: {exc}: free space on its filesystem or "
+                             "fix [engine] data_dir") from None
+        self._conn = conn
+        self._inode = os.stat(self.path).st_ino
+
+    def check(self) -> None:
+        """Raise sqlite3.DatabaseError when the file is unreadable (corrupt, not a DB)."""
+        self.conn.execute("PRAGMA quick_check").fetchone()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # --- heartbeats ---------------------------------------------------------------
+
+    def beat(self, slot: int, role: str, pid: int, phase: str, progress: int,
+             task: Task | None = None, backend_pid: int | None = None) -> None:
+        """Record that the process in ``slot`` made progress now (one short UPSERT)."""
+        now = time.monotonic()
+        self.conn.execute("""
+            INSERT INTO heartbeats (slot, role, pid, backend_pid, task_id, acntid, emfdid,
+                                    folder, phase, progress, beat, started)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            ON CONFLICT (slot) DO UPDATE SET
+                role = excluded.role, backend_pid = excluded.backend_pid,
+                task_id = excluded.task_id, acntid = excluded.acntid, emfdid = excluded.emfdid,
+                folder = excluded.folder, phase = excluded.phase, progress = excluded.progress,
+                beat = excluded.beat,
+                started = CASE WHEN heartbeats.pid = excluded.pid THEN heartbeats.started
+                               ELSE excluded.started END,
+                pid = excluded.pid""",
+            (slot, role, pid, backend_pid, task.id if task else None,
+             task.acntid if task else None, task.emfdid if task else None,
+             task.folder if task else None, phase, progress, now, now))
+
+    def heartbeats(self) -> list[Heartbeat]:
+        rows = self.conn.execute("SELECT * FROM heartbeats ORDER BY slot").fetchall()
+        return [Heartbeat(**dict(row)) for row in rows]
+
+    def forget_heartbeat(self, slot: int) -> None:
+        self.conn.execute("DELETE FROM heartbeats WHERE slot = ?", (slot,))
+
+    # --- tasks (the slices) -----------------------------------------------------------
+
+    def claim(self, slot: int, prefer_acntid: int | None = None) -> Task | None:
+        """Take the next due task of this slot's slice, preferring the open account's."""
+        row = self.conn.execute("""
+            UPDATE tasks SET state = ?, started = ?
+            WHERE id = (SELECT id FROM tasks WHERE slot = ? AND state = ? AND due <= ?
+                        ORDER BY acntid = ? DESC, priority, due LIMIT 1)
+            RETURNING *""",
+            (TaskState.RUNNING, time.monotonic(), slot, TaskState.QUEUED, time.time(),
+             prefer_acntid or -1)).fetchone()
+        return Task(**dict(row)) if row else None
+
+    def finish(self, task_id: int) -> None:
+        """A task is done (or failed cleanly: the failure is recorded in PostgreSQL)."""
+        self.conn.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
+
+    def hand_back(self, task_id: int) -> None:
+        """Return a running task to its slice untouched (graceful stop)."""
+        self.conn.execute("UPDATE tasks SET state = ?, started = NULL WHERE id = ?",
+                          (TaskState.QUEUED, task_id))
+
+    def record_hang(self, task_id: int, max_failures: int, reason: str) -> Task | None:
+        """Count a hang against a task: back to its slice, or set aside after the last one."""
+        row = self.conn.execute("""
+            UPDATE tasks SET attempts = attempts + 1, started = NULL,
+                state = CASE WHEN attempts + 1 >= ? THEN ? ELSE ? END,
+                reason = CASE WHEN attempts + 1 >= ? THEN ? ELSE reason END
+            WHERE id = ? RETURNING *""",
+            (max_failures, TaskState.SET_ASIDE, TaskState.QUEUED, max_failures, reason,
+             task_id)).fetchone()
+        return Task(**dict(row)) if row else None
+
+    def enqueue(self, new: list[NewTask], slots: list[int], max_per_slot: int) -> int:
+        """Put due tasks into the sync slices, in one short transaction; return how many.
+
+        All tasks of one account go to the slice that already holds one of its
+        tasks, so one account never has two IMAP sessions; otherwise to the least
+        loaded slice. A slice never holds more than ``max_per_slot``: what does not
+        fit waits for the next planning pass. A task already queued is left alone.
+        """
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            owner = dict(conn.execute("SELECT acntid, slot FROM tasks WHERE state != ? "
+                                      "GROUP BY acntid", (TaskState.SET_ASIDE,)).fetchall())
+            load = dict.fromkeys(slots, 0)
+            load.update((s, n) for s, n in conn.execute(
+                "SELECT slot, count(*) FROM tasks WHERE state != ? GROUP BY slot",
+                (TaskState.SET_ASIDE,)).fetchall() if s in load)
+            now, added = time.time(), 0
+            for task in sorted(new, key=lambda t: (t.priority, t.due)):
+                slot = owner.get(task.acntid)
+                if slot is None or slot not in load:
+                    slot = min(load, key=lambda s: (load[s], s))
+                if load[slot] >= max_per_slot:
+                    continue
+                cur = conn.execute(
+                    "INSERT INTO tasks (kind, acntid, emfdid, folder, priority, due, slot, "
+                    "queued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (acntid, emfdid, kind) DO NOTHING",
+                    (task.kind, task.acntid, task.emfdid, task.folder, task.priority, task.due,
+                     slot, now))
+                if cur.rowcount:
+                    owner[task.acntid] = slot
+                    load[slot] += 1
+                    added += 1
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return added
+
+    def tasks(self, slot: int | None = None) -> list[Task]:
+        if slot is None:
+            rows = self.conn.execute("SELECT * FROM tasks ORDER BY slot, priority, due")
+        else:
+            rows = self.conn.execute("SELECT * FROM tasks WHERE slot = ? "
+                                     "ORDER BY priority, due", (slot,))
+        return [Task(**dict(row)) for row in rows.fetchall()]
+
+    def clear_slices(self, slots: list[int]) -> int:
+        """Drop the queued and running tasks of these slots (set-aside ones are kept)."""
+        marks = ",".join("?" * len(slots))
+        return self.conn.execute(f"DELETE FROM tasks WHERE slot IN ({marks}) AND state != ?",
+                                 (*slots, TaskState.SET_ASIDE)).rowcount
+
+    # --- engine facts ---------------------------------------------------------------
+
+    def set_fact(self, key: str, value: object) -> None:
+        self.conn.execute("INSERT INTO engine (key, value) VALUES (?, ?) ON CONFLICT (key) "
+                          "DO UPDATE SET value = excluded.value",
+                          (key, None if value is None else str(value)))
+
+    def facts(self) -> dict[str, str | None]:
+        return {row["key"]: row["value"]
+                for row in self.conn.execute("SELECT key, value FROM engine").fetchall()}

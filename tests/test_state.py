@@ -1,0 +1,94 @@
+"""The state DB: slices, claims, hangs, heartbeats, and a file replaced under a process."""
+
+import os
+
+from supervisor_mail.state import NewTask, StateDB, remove_files
+from supervisor_mail.states import TaskKind, TaskState
+
+
+def new(acntid, emfdid, priority=0, kind=TaskKind.SYNC_RECENT, due=0.0):
+    return NewTask(kind, acntid, emfdid, f"folder {emfdid}", priority, due)
+
+
+def test_one_account_stays_in_one_slice(tmp_path):
+    """Every task of an account goes to the slice already holding one of its tasks."""
+    db = StateDB(str(tmp_path / "h.db"))
+    assert db.enqueue([new(1, 10), new(2, 20)], slots=[0, 1], max_per_slot=10) == 2
+    assert db.enqueue([new(1, 11), new(2, 21), new(1, 12)], slots=[0, 1], max_per_slot=10) == 3
+    by_account = {}
+    for task in db.tasks():
+        by_account.setdefault(task.acntid, set()).add(task.slot)
+    assert by_account == {1: {0}, 2: {1}}
+
+
+def test_slices_are_capped_and_duplicates_ignored(tmp_path):
+    """No slice holds more than max_per_slot; a task already queued is not added twice."""
+    db = StateDB(str(tmp_path / "h.db"))
+    assert db.enqueue([new(1, n) for n in range(1, 6)], slots=[0], max_per_slot=3) == 3
+    assert db.enqueue([new(1, 1)], slots=[0], max_per_slot=10) == 0
+    assert len(db.tasks(0)) == 3
+
+
+def test_claim_prefers_priority_then_open_account(tmp_path):
+    """Hi recent syncs run before full syncs; the open account's tasks come first."""
+    db = StateDB(str(tmp_path / "h.db"))
+    db.enqueue([new(1, 1, priority=2, kind=TaskKind.SYNC_FULL), new(1, 2, priority=0)],
+               slots=[0], max_per_slot=10)
+    first = db.claim(0)
+    assert first.emfdid == 2 and first.state == TaskState.RUNNING
+    db.enqueue([new(2, 3, priority=0)], slots=[0], max_per_slot=10)
+    assert db.claim(0, prefer_acntid=1).emfdid == 1
+    assert db.claim(0).emfdid == 3
+    assert db.claim(0) is None
+
+
+def test_tasks_not_yet_due_wait(tmp_path):
+    """A task due in the future is not claimed."""
+    import time
+
+    db = StateDB(str(tmp_path / "h.db"))
+    db.enqueue([new(1, 1, due=time.time() + 60)], slots=[0], max_per_slot=10)
+    assert db.claim(0) is None
+
+
+def test_hangs_set_a_task_aside(tmp_path):
+    """A task that hung its worker max_failures times is set aside with the reason."""
+    db = StateDB(str(tmp_path / "h.db"))
+    db.enqueue([new(1, 1)], slots=[0], max_per_slot=10)
+    task = db.claim(0)
+    assert db.record_hang(task.id, 2, "hung in fetch").state == TaskState.QUEUED
+    db.claim(0)
+    aside = db.record_hang(task.id, 2, "hung in fetch")
+    assert aside.state == TaskState.SET_ASIDE and aside.reason == "hung in fetch"
+    assert db.claim(0) is None
+    assert db.clear_slices([0]) == 0 and len(db.tasks()) == 1
+
+
+def test_heartbeat_upsert_keeps_start_of_same_pid(tmp_path):
+    """A beat updates the row; its start time changes only when another pid takes the slot."""
+    db = StateDB(str(tmp_path / "h.db"))
+    db.beat(3, "sync", 100, "idle", 0)
+    started = db.heartbeats()[0].started
+    db.beat(3, "sync", 100, "fetch", 5)
+    row = db.heartbeats()[0]
+    assert (row.phase, row.progress, row.started) == ("fetch", 5, started)
+    db.beat(3, "sync", 101, "idle", 0)
+    assert db.heartbeats()[0].started > started
+
+
+def test_deleted_file_is_recreated_on_next_use(tmp_path):
+    """Deleting the DB (a reset, a wiped tmpfs) makes the next statement open a fresh one."""
+    path = str(tmp_path / "h.db")
+    db = StateDB(path)
+    db.beat(0, "sync", os.getpid(), "idle", 0)
+    assert remove_files(path)
+    assert db.heartbeats() == []
+    assert os.path.exists(path)
+
+
+def test_facts(tmp_path):
+    """Engine facts are simple key/value rows."""
+    db = StateDB(str(tmp_path / "h.db"))
+    db.set_fact("master_pid", 42)
+    db.set_fact("master_pid", 43)
+    assert db.facts() == {"master_pid": "43"}
