@@ -59,3 +59,17 @@ class StateError(SupervisorMailError):
     """Raised when the state DB or the PID files cannot be used (full tmpfs, permissions)."""
 
     exit_code = EXIT_STATE
+
+
+class TransientServerError(ServerError):
+    """Raised when a server refuses for a reason that passes (RFC 5530 [UNAVAILABLE], [LIMIT],
+    [INUSE], too many connections): retried after a short backoff, never taken for a bad password.
+    """
+
+
+class ProtocolError(ServerError):
+    """Raised when a server's response cannot be understood: fails the task, not the process."""
+
+
+class NetworkError(TransientServerError):
+    """Raised when a server cannot be reached, or the connection breaks or times out."""
