@@ -11,7 +11,7 @@ import getpass
 import sys
 from collections.abc import Callable
 
-from supervisor_mail import __version__, accounts, config, legacy, store
+from supervisor_mail import __version__, accounts, config, control, legacy, store
 from supervisor_mail.errors import EXIT_OK, EXIT_USAGE, ConfigError, SupervisorMailError
 
 PROG = "supervisor-mail"
@@ -51,6 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         return sub
 
+    run = command(commands, "run", cmd_run,
+                  "run the master in the foreground (supervisord, systemd)")
+    run.add_argument("--log-stderr", action="store_true",
+                     help="also write the log lines to stderr (the supervisord sample uses it)")
+    command(commands, "start", cmd_start,
+            "cron mode: start in the background unless a healthy master runs; exit 0 either way")
+    command(commands, "stop", cmd_stop, "stop the running engine gracefully (its PID file)")
+    command(commands, "reload", cmd_reload,
+            "reload the configuration: SIGHUP to the master through its PID file")
+    reset = command(commands, "reset", cmd_reset,
+                    "the old manual restart: kill the engine's processes by their PID files, "
+                    "delete the state DB and the PID files")
+    reset.add_argument("--force", action="store_true", help="even when the master is healthy")
+    command(commands, "healthcheck", cmd_healthcheck,
+            "exit 0 healthy, 1 master hung, 2 not running, 3 degraded (being handled)")
     command(commands, "initdb", cmd_initdb, "create or upgrade the PostgreSQL schema")
 
     cfg_cmd = commands.add_parser("config", help="validate, show or migrate the configuration")
@@ -99,6 +114,42 @@ def _usage_of(parser: argparse.ArgumentParser) -> Callable:
 
 def load_config(args: argparse.Namespace) -> config.Config:
     return config.load(args.config)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from supervisor_mail.master import Master
+
+    cfg = config.load(args.config)
+    cfg.require("database.dsn")
+    return Master(cfg, args.config, log_stderr=args.log_stderr).run()
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    cfg.require("database.dsn")
+    print(control.start(cfg, args.config))
+    return EXIT_OK
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    print(control.stop(load_config(args)))
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    print(control.reload(load_config(args)))
+    return EXIT_OK
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    print(control.reset(load_config(args), force=args.force))
+    return EXIT_OK
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    state = control.health(load_config(args))
+    print(state.reason)
+    return state.code
 
 
 def cmd_initdb(args: argparse.Namespace) -> int:

@@ -228,6 +228,8 @@ SETTINGS: tuple[Setting, ...] = (
     _s("watchdog.max_task_failures", Int(1), 3, "Hangs before a task is set aside."),
     _s("watchdog.max_reset_backoff", Int(1), 3600,
        "Seconds; cap of the exponential backoff between stall resets."),
+    _s("watchdog.master_timeout", Int(2), 30,
+       "Seconds without a master beat before healthcheck calls the master hung."),
     _s("metrics.listen", Listen(), None,
        "HOST:PORT of the Prometheus endpoint; empty means off."),
     _s("cluster.lease_ttl", Int(3), 60,

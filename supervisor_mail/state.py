@@ -25,6 +25,7 @@ from supervisor_mail.states import TaskState
 MASTER_SLOT = -1
 PLANNER_SLOT = -2
 BUSY_TIMEOUT = 5.0  # seconds a statement waits for another process's write
+_INHERITED: list[sqlite3.Connection] = []  # see StateDB.close_after_fork
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -181,6 +182,17 @@ class StateDB:
             self._conn.close()
             self._conn = None
 
+    def close_after_fork(self) -> None:
+        """In a forked child: forget the parent's connection without closing it.
+
+        Closing it here could make SQLite believe the child held the last
+        connection and checkpoint or remove the WAL under the parent; the child
+        leaves by ``os._exit``, so the descriptor is simply never used again.
+        """
+        if self._conn is not None:
+            _INHERITED.append(self._conn)
+            self._conn = None
+
     # --- heartbeats ---------------------------------------------------------------
 
     def beat(self, slot: int, role: str, pid: int, phase: str, progress: int,
@@ -231,6 +243,11 @@ class StateDB:
         """Return a running task to its slice untouched (graceful stop)."""
         self.conn.execute("UPDATE tasks SET state = ?, started = NULL WHERE id = ?",
                           (TaskState.QUEUED, task_id))
+
+    def retry_later(self, task_id: int, delay: float) -> None:
+        """Return a task to its slice, due again in ``delay`` seconds."""
+        self.conn.execute("UPDATE tasks SET state = ?, started = NULL, due = ? WHERE id = ?",
+                          (TaskState.QUEUED, time.time() + delay, task_id))
 
     def record_hang(self, task_id: int, max_failures: int, reason: str) -> Task | None:
         """Count a hang against a task: back to its slice, or set aside after the last one."""

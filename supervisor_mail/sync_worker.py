@@ -1,0 +1,133 @@
+"""A sync worker: takes tasks from its own slice of the state DB and runs them, keeping one
+IMAP session open per account across that account's folders.
+
+The loop, top to bottom: claim the next task of my slice (the open account's first),
+open the account's session if it is not the open one, run the task, finish it —
+or hand it back on a graceful stop, or put it back a little later when the
+database is busy. Nothing here decides what is due: the planner does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import psycopg
+
+from supervisor_mail import accounts, imap_sync, store
+from supervisor_mail.errors import SupervisorMailError
+from supervisor_mail.logs import where
+from supervisor_mail.state import Task
+from supervisor_mail.states import ProcessRole, TaskKind
+from supervisor_mail.worker import Process
+
+log = logging.getLogger("supervisor_mail.sync_worker")
+
+IDLE_POLL = 0.25            # seconds between looks at an empty slice
+SESSION_IDLE_CLOSE = 60.0   # seconds an idle IMAP session stays open for the next task
+DB_BUSY_RETRY = 2.0         # seconds before a task that met a lock or statement timeout reruns
+
+
+class Stopping(Exception):
+    """Raised between batches when the worker was asked to stop: the task is handed back."""
+
+
+class SyncWorker(Process):
+    role = ProcessRole.SYNC
+
+    def work(self) -> None:
+        self.conn: psycopg.Connection | None = None
+        self.session: imap_sync.AccountSession | None = None
+        idle_since = time.monotonic()
+        try:
+            while not self.stopping:
+                task = self.statedb.claim(self.slot, self.open_acntid)
+                if task is None:
+                    if self.session and time.monotonic() - idle_since > SESSION_IDLE_CLOSE:
+                        self.close_session()
+                    self.beat("idle", 0)
+                    time.sleep(IDLE_POLL)
+                    continue
+                self.run_task(task)
+                idle_since = time.monotonic()
+        finally:
+            self.close_session()
+            if self.conn is not None:
+                self.conn.close()
+
+    @property
+    def open_acntid(self) -> int | None:
+        return self.session.account.acntid if self.session else None
+
+    def run_task(self, task: Task) -> None:
+        self.task = task
+        self.beat("starting task", 0)
+        try:
+            self.run_task_steps(task)
+        except Stopping:
+            self.statedb.hand_back(task.id)
+            return
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled,
+                psycopg.OperationalError) as exc:
+            # The database is busy or away (a migration holds a lock): not the folder's
+            # fault, so no folder error and no error backoff; retry soon.
+            log.warning("database busy, %s will run again in %.0fs: %s", task.kind,
+                        DB_BUSY_RETRY, str(exc).strip().splitlines()[0],
+                        extra=where(task.acntid, task.emfdid or None))
+            self.drop_connection()
+            self.statedb.retry_later(task.id, DB_BUSY_RETRY)
+            return
+        except SupervisorMailError as exc:
+            log.error("%s failed: %s", task.kind, exc, extra=where(task.acntid,
+                                                                  task.emfdid or None))
+            self.close_session()
+        finally:
+            self.task = None
+        self.statedb.finish(task.id)
+
+    def run_task_steps(self, task: Task) -> None:
+        conn = self.database()
+        self.open_session(conn, task.acntid)
+        assert self.session is not None
+        if task.kind == TaskKind.DISCOVER:
+            imap_sync.discover_folders(conn, self.session)
+            accounts.mark_folders_listed(conn, task.acntid)
+            return
+        folder = imap_sync.load_folder(conn, task.emfdid)
+        imap_sync.sync_folder(conn, self.session, folder, TaskKind(task.kind), self.cfg,
+                              self.progress, self.should_stop_batch)
+
+    def progress(self, phase: str, count: int) -> None:
+        self.beat(phase, count)
+
+    def should_stop_batch(self) -> bool:
+        if self.stopping:
+            raise Stopping()
+        return False
+
+    def database(self) -> psycopg.Connection:
+        if self.conn is None or self.conn.closed:
+            self.beat("connect database")
+            self.conn = store.connect(self.cfg, "sync", self.slot)
+            self.backend_pid = self.conn.info.backend_pid
+        return self.conn
+
+    def drop_connection(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+            self.backend_pid = None
+
+    def open_session(self, conn: psycopg.Connection, acntid: int) -> None:
+        if self.session is not None and self.session.account.acntid == acntid:
+            return
+        self.close_session()
+        account = accounts.get(conn, acntid)
+        self.beat("connect imap")
+        self.session = imap_sync.AccountSession(self.cfg, conn, account)
+        self.session.open()
+
+    def close_session(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
