@@ -143,6 +143,12 @@ def clear_auth_error(conn: psycopg.Connection, acntid: int, proto: str) -> None:
                  f"AND {proto}_auth_error_at IS NOT NULL", (acntid,))
 
 
+def mark_folders_listed(conn: psycopg.Connection, acntid: int) -> None:
+    """Record that the account's folder list was just read, so discovery waits its interval."""
+    conn.execute("UPDATE email_accounts SET folders_listed_at = now() WHERE acntid = %s",
+                 (acntid,))
+
+
 def record_activity(conn: psycopg.Connection, user_id: int) -> None:
     """Mark a user active now (the web application does this; tests and the demo too)."""
     conn.execute("INSERT INTO email_user_activity (user_id, last_active) VALUES (%s, now()) "

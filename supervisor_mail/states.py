@@ -44,6 +44,7 @@ class Role(StrEnum):
 class TaskKind(StrEnum):
     SYNC_RECENT = "sync_recent"  # new messages only
     SYNC_FULL = "sync_full"      # new messages, then flags and deletions
+    DISCOVER = "discover"        # LIST the account's folders (emfdid 0: the whole account)
 
 
 class TaskState(StrEnum):
