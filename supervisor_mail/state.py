@@ -63,6 +63,12 @@ CREATE TABLE IF NOT EXISTS engine (
     key   TEXT PRIMARY KEY,
     value TEXT
 );
+CREATE TABLE IF NOT EXISTS counters (   -- metrics: totals since the state DB was created
+    name   TEXT NOT NULL,
+    labels TEXT NOT NULL DEFAULT '',    -- Prometheus label text, e.g. outcome="sent"
+    value  REAL NOT NULL,
+    PRIMARY KEY (name, labels)
+);
 """
 
 
@@ -313,6 +319,18 @@ class StateDB:
         marks = ",".join("?" * len(slots))
         return self.conn.execute(f"DELETE FROM tasks WHERE slot IN ({marks}) AND state != ?",
                                  (*slots, TaskState.SET_ASIDE)).rowcount
+
+    # --- counters (metrics) ---------------------------------------------------------
+
+    def count(self, name: str, value: float = 1, labels: str = "") -> None:
+        """Add ``value`` to a counter; one short UPSERT, done after the work it counts."""
+        self.conn.execute("INSERT INTO counters (name, labels, value) VALUES (?, ?, ?) "
+                          "ON CONFLICT (name, labels) DO UPDATE SET value = value + excluded.value",
+                          (name, labels, value))
+
+    def counters(self) -> list[tuple[str, str, float]]:
+        return [tuple(row) for row in
+                self.conn.execute("SELECT name, labels, value FROM counters ORDER BY 1, 2")]
 
     # --- engine facts ---------------------------------------------------------------
 

@@ -92,3 +92,12 @@ def test_facts(tmp_path):
     db.set_fact("master_pid", 42)
     db.set_fact("master_pid", 43)
     assert db.facts() == {"master_pid": "43"}
+
+
+def test_counters_add_up(tmp_path):
+    """Counters are totals: each count adds to the row of its name and labels."""
+    db = StateDB(str(tmp_path / "h.db"))
+    db.count("messages_synced", 3)
+    db.count("messages_synced", 2)
+    db.count("sends", 1, 'outcome="sent"')
+    assert db.counters() == [("messages_synced", "", 5.0), ("sends", 'outcome="sent"', 1.0)]
