@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     reset.add_argument("--force", action="store_true", help="even when the master is healthy")
     command(commands, "healthcheck", cmd_healthcheck,
             "exit 0 healthy, 1 master hung, 2 not running, 3 degraded (being handled)")
+    status = command(commands, "status", cmd_status,
+                     "workers, slices, heartbeats, queue depth, outbox, per-account sync state "
+                     "and recoveries, read-only")
+    status.add_argument("--json", action="store_true",
+                        help="print the same content as JSON (shape: supervisor_mail/status.py)")
+    status.add_argument("--account", type=int, metavar="N",
+                        help="only account N (acntid), with its folders")
     command(commands, "initdb", cmd_initdb, "create or upgrade the PostgreSQL schema")
 
     cfg_cmd = commands.add_parser("config", help="validate, show or migrate the configuration")
@@ -150,6 +157,21 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
     state = control.health(load_config(args))
     print(state.reason)
     return state.code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from supervisor_mail import status
+
+    data = status.collect(load_config(args), args.account)
+    if args.json:
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+    else:
+        colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        sys.stdout.write(status.render(data, colour=colour))
+    return EXIT_OK
 
 
 def cmd_initdb(args: argparse.Namespace) -> int:
