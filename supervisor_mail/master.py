@@ -240,6 +240,8 @@ class Master:
         process = child.process
         pidfile.remove_worker(self.cfg.engine.pid_dir, process.name)
         self.statedb.forget_heartbeat(process.slot)
+        if process.role == ProcessRole.SYNC:
+            self.statedb.requeue_running(process.slot)  # what it held runs again, resumed
         record = self.slots.setdefault(process.slot, SlotRecord())
         how = describe_status(status)
         if child.hung:

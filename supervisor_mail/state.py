@@ -250,6 +250,12 @@ class StateDB:
         self.conn.execute("UPDATE tasks SET state = ?, started = NULL WHERE id = ?",
                           (TaskState.QUEUED, task_id))
 
+    def requeue_running(self, slot: int) -> int:
+        """Return the tasks a dead worker of ``slot`` was running to its slice."""
+        return self.conn.execute("UPDATE tasks SET state = ?, started = NULL "
+                                 "WHERE slot = ? AND state = ?",
+                                 (TaskState.QUEUED, slot, TaskState.RUNNING)).rowcount
+
     def retry_later(self, task_id: int, delay: float) -> None:
         """Return a task to its slice, due again in ``delay`` seconds."""
         self.conn.execute("UPDATE tasks SET state = ?, started = NULL, due = ? WHERE id = ?",

@@ -14,8 +14,8 @@ import time
 
 import psycopg
 
-from supervisor_mail import accounts, imap_sync, store
-from supervisor_mail.errors import SupervisorMailError
+from supervisor_mail import accounts, folders, imap_sync, store
+from supervisor_mail.errors import DatabaseError, SupervisorMailError
 from supervisor_mail.logs import where
 from supervisor_mail.state import Task
 from supervisor_mail.states import ProcessRole, TaskKind
@@ -26,10 +26,6 @@ log = logging.getLogger("supervisor_mail.sync_worker")
 IDLE_POLL = 0.25            # seconds between looks at an empty slice
 SESSION_IDLE_CLOSE = 60.0   # seconds an idle IMAP session stays open for the next task
 DB_BUSY_RETRY = 2.0         # seconds before a task that met a lock or statement timeout reruns
-
-
-class Stopping(Exception):
-    """Raised between batches when the worker was asked to stop: the task is handed back."""
 
 
 class SyncWorker(Process):
@@ -57,53 +53,49 @@ class SyncWorker(Process):
 
     @property
     def open_acntid(self) -> int | None:
-        return self.session.account.acntid if self.session else None
+        return self.session.acntid if self.session else None
 
     def run_task(self, task: Task) -> None:
         self.task = task
         self.beat("starting task", 0)
         try:
-            self.run_task_steps(task)
-        except Stopping:
-            self.statedb.hand_back(task.id)
-            return
-        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled,
-                psycopg.OperationalError) as exc:
+            finished = self.run_task_steps(task)
+        except (psycopg.Error, DatabaseError) as exc:
             # The database is busy or away (a migration holds a lock): not the folder's
-            # fault, so no folder error and no error backoff; retry soon.
+            # fault, so no folder error and no error backoff; the task runs again soon.
             log.warning("database busy, %s will run again in %.0fs: %s", task.kind,
                         DB_BUSY_RETRY, str(exc).strip().splitlines()[0],
                         extra=where(task.acntid, task.emfdid or None))
             self.drop_connection()
             self.statedb.retry_later(task.id, DB_BUSY_RETRY)
             return
-        except SupervisorMailError as exc:
-            log.error("%s failed: %s", task.kind, exc, extra=where(task.acntid,
-                                                                  task.emfdid or None))
+        except SupervisorMailError:
+            # imap_sync has logged it and recorded it on the folder; the planner retries
+            # after its error backoff. The session may be unusable: start afresh.
             self.close_session()
+            finished = True
         finally:
             self.task = None
-        self.statedb.finish(task.id)
+        if finished:
+            self.statedb.finish(task.id)
+        else:
+            self.statedb.hand_back(task.id)  # a graceful stop: the next worker resumes it
 
-    def run_task_steps(self, task: Task) -> None:
+    def run_task_steps(self, task: Task) -> bool:
+        """Run one task; False when a stop request interrupted it between batches."""
         conn = self.database()
         self.open_session(conn, task.acntid)
         assert self.session is not None
         if task.kind == TaskKind.DISCOVER:
             imap_sync.discover_folders(conn, self.session)
             accounts.mark_folders_listed(conn, task.acntid)
-            return
-        folder = imap_sync.load_folder(conn, task.emfdid)
-        imap_sync.sync_folder(conn, self.session, folder, TaskKind(task.kind), self.cfg,
-                              self.progress, self.should_stop_batch)
-
-    def progress(self, phase: str, count: int) -> None:
-        self.beat(phase, count)
-
-    def should_stop_batch(self) -> bool:
-        if self.stopping:
-            raise Stopping()
-        return False
+            return True
+        folder = folders.get(conn, task.emfdid)
+        result = imap_sync.sync_folder(conn, self.session, folder, TaskKind(task.kind),
+                                       self.cfg, self.beat, self.should_stop)
+        self.statedb.count("messages_synced", result.new)
+        self.statedb.count("sync_bytes", result.bytes)
+        return not result.stopped
 
     def database(self) -> psycopg.Connection:
         if self.conn is None or self.conn.closed:
@@ -119,12 +111,11 @@ class SyncWorker(Process):
             self.backend_pid = None
 
     def open_session(self, conn: psycopg.Connection, acntid: int) -> None:
-        if self.session is not None and self.session.account.acntid == acntid:
+        if self.session is not None and self.session.acntid == acntid:
             return
         self.close_session()
-        account = accounts.get(conn, acntid)
         self.beat("connect imap")
-        self.session = imap_sync.AccountSession(self.cfg, conn, account)
+        self.session = imap_sync.AccountSession(conn, self.cfg, acntid)
         self.session.open()
 
     def close_session(self) -> None:
