@@ -25,6 +25,7 @@ from supervisor_mail.states import TaskState
 MASTER_SLOT = -1
 PLANNER_SLOT = -2
 BUSY_TIMEOUT = 5.0  # seconds a statement waits for another process's write
+SCHEMA_VERSION = 2  # PRAGMA user_version; a file of another version is rebuilt, not migrated
 _INHERITED: list[sqlite3.Connection] = []  # see StateDB.close_after_fork
 
 SCHEMA = """
@@ -56,6 +57,7 @@ CREATE TABLE IF NOT EXISTS heartbeats (
     folder      TEXT,
     phase       TEXT NOT NULL DEFAULT 'starting',
     progress    INTEGER NOT NULL DEFAULT 0,
+    done        INTEGER NOT NULL DEFAULT 0,  -- work completed: commits, tasks, deliveries
     beat        REAL NOT NULL,           -- monotonic time of the last beat
     started     REAL NOT NULL            -- monotonic time the process started
 );
@@ -113,6 +115,7 @@ class Heartbeat:
     folder: str | None
     phase: str
     progress: int
+    done: int
     beat: float
     started: float
 
@@ -168,16 +171,31 @@ class StateDB:
         self.close()
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")  # a ramdisk: durability is not the point
-            conn.executescript(SCHEMA)
+            conn = self._connect()
+            if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                conn = self._rebuild_if_foreign(conn)
         except (sqlite3.OperationalError, OSError) as exc:
             raise StateError(f"state DB {self.path}: {exc}: free space on its filesystem or "
                              "fix [engine] data_dir") from None
         self._conn = conn
         self._inode = os.stat(self.path).st_ino
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")  # a ramdisk: durability is not the point
+        return conn
+
+    def _rebuild_if_foreign(self, conn: sqlite3.Connection) -> sqlite3.Connection:
+        """Create the schema in a new file; a file left by another engine version holds
+        nothing PostgreSQL cannot give back, so it is replaced rather than migrated."""
+        if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            conn.close()
+            remove_files(self.path)
+            conn = self._connect()
+        conn.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+        return conn
 
     def check(self) -> None:
         """Raise sqlite3.DatabaseError when the file is unreadable (corrupt, not a DB)."""
@@ -202,24 +220,29 @@ class StateDB:
     # --- heartbeats ---------------------------------------------------------------
 
     def beat(self, slot: int, role: str, pid: int, phase: str, progress: int,
-             task: Task | None = None, backend_pid: int | None = None) -> None:
-        """Record that the process in ``slot`` made progress now (one short UPSERT)."""
+             task: Task | None = None, backend_pid: int | None = None, done: int = 0) -> None:
+        """Record that the process in ``slot`` is alive now, and what it has done (one UPSERT).
+
+        ``beat`` ages say a process is alive (the watchdog kills the silent ones);
+        ``done`` growing says its role gets work done (the watchdog resets a role that
+        has due work but stopped getting it done).
+        """
         now = time.monotonic()
         self.conn.execute("""
             INSERT INTO heartbeats (slot, role, pid, backend_pid, task_id, acntid, emfdid,
-                                    folder, phase, progress, beat, started)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                    folder, phase, progress, done, beat, started)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             ON CONFLICT (slot) DO UPDATE SET
                 role = excluded.role, backend_pid = excluded.backend_pid,
                 task_id = excluded.task_id, acntid = excluded.acntid, emfdid = excluded.emfdid,
                 folder = excluded.folder, phase = excluded.phase, progress = excluded.progress,
-                beat = excluded.beat,
+                done = excluded.done, beat = excluded.beat,
                 started = CASE WHEN heartbeats.pid = excluded.pid THEN heartbeats.started
                                ELSE excluded.started END,
                 pid = excluded.pid""",
             (slot, role, pid, backend_pid, task.id if task else None,
              task.acntid if task else None, task.emfdid if task else None,
-             task.folder if task else None, phase, progress, now, now))
+             task.folder if task else None, phase, progress, done, now, now))
 
     def heartbeats(self) -> list[Heartbeat]:
         rows = self.conn.execute("SELECT * FROM heartbeats ORDER BY slot").fetchall()

@@ -77,6 +77,7 @@ class SyncWorker(Process):
         finally:
             self.task = None
         if finished:
+            self.done += 1
             self.statedb.finish(task.id)
         else:
             self.statedb.hand_back(task.id)  # a graceful stop: the next worker resumes it
@@ -92,10 +93,16 @@ class SyncWorker(Process):
             return True
         folder = folders.get(conn, task.emfdid)
         result = imap_sync.sync_folder(conn, self.session, folder, TaskKind(task.kind),
-                                       self.cfg, self.beat, self.should_stop)
+                                       self.cfg, self.sync_beat, self.should_stop)
         self.statedb.count("messages_synced", result.new)
         self.statedb.count("sync_bytes", result.bytes)
         return not result.stopped
+
+    def sync_beat(self, phase: str, count: int) -> None:
+        """imap_sync's beat: a commit is work done."""
+        if phase == "commit":
+            self.done += 1
+        self.beat(phase, count)
 
     def database(self) -> psycopg.Connection:
         if self.conn is None or self.conn.closed:

@@ -48,6 +48,9 @@ class Watchdog:
         self.last_reset_at = 0.0
         self.fingerprint: str | None = None
         self.resetting = False
+        self.done_seen: dict[int, int] = {}   # pid -> its heartbeat's `done` at the last check
+        self.progress_at = dict.fromkeys(WORKER_ROLES, time.monotonic())
+        self.reset_roles: set[ProcessRole] = set()  # what the running backoff is about
         self.configure()
 
     def configure(self) -> None:
@@ -72,8 +75,9 @@ class Watchdog:
         if self._schema_changed(facts.get("schema_fingerprint")):
             self.full_reset("the PostgreSQL schema changed (an application upgrade)")
             return
+        self.note_progress(beats, due_sync, now)
         stalled = set(hung_roles)
-        if due_sync and self._role_silent(ProcessRole.SYNC, beats, now):
+        if now - self.progress_at[ProcessRole.SYNC] >= self.stall_timeout:
             stalled.add(ProcessRole.SYNC)
         self.handle_stalls(stalled, now)
         self.recover_backoff(now)
@@ -135,10 +139,18 @@ class Watchdog:
         rows = self.master.statedb.tasks()
         return any(t.state != TaskState.SET_ASIDE and t.due <= time.time() for t in rows)
 
-    def _role_silent(self, role: ProcessRole, beats: dict, now: float) -> bool:
-        ages = [now - hb.beat for hb in beats.values() if hb.role == role]
-        newest = min(ages, default=now - self.master.started)
-        return newest >= self.stall_timeout
+    def note_progress(self, beats: dict, due_sync: bool, now: float) -> None:
+        """A role progresses when a process of it reports more work done; sync with nothing
+        due counts as progressing (an idle engine is not a stalled one)."""
+        seen = {}
+        for hb in beats.values():
+            if hb.role in WORKER_ROLES:
+                if hb.done > self.done_seen.get(hb.pid, 0):
+                    self.progress_at[ProcessRole(hb.role)] = now
+                seen[hb.pid] = hb.done
+        self.done_seen = seen
+        if not due_sync:
+            self.progress_at[ProcessRole.SYNC] = now
 
     def _schema_changed(self, current: str | None) -> bool:
         if current is None:
@@ -171,7 +183,8 @@ class Watchdog:
         for slot in slots:
             self.master.statedb.forget_heartbeat(slot)
         self._remove_pid_files({c.process.name for c in children})
-        self._start_backoff()
+        self.progress_at[role] = time.monotonic()
+        self._start_backoff({role})
 
     def full_reset(self, reason: str, backoff: bool = False) -> None:
         """The old manual procedure: kill every worker, delete the state DB and the workers'
@@ -186,8 +199,9 @@ class Watchdog:
         self.master.open_state_db()
         log.info("engine reset #%d: killed %d processes, deleted %s", self.resets, len(children),
                  ", ".join(os.path.basename(p) for p in removed) or "no state DB files")
+        self.progress_at = dict.fromkeys(WORKER_ROLES, time.monotonic())
         if backoff:
-            self._start_backoff()
+            self._start_backoff(set(WORKER_ROLES))
         self.publish()
 
     def _kill_and_wait(self, children: list[Child]) -> None:
@@ -208,7 +222,8 @@ class Watchdog:
         for name in names:
             pidfile.remove_worker(self.master.cfg.engine.pid_dir, name)
 
-    def _start_backoff(self) -> None:
+    def _start_backoff(self, roles: set[ProcessRole]) -> None:
+        self.reset_roles = roles
         delay = min(self.max_backoff, (self.timeout + self.grace) * 2 ** self.backoff_level)
         self.backoff_level += 1
         self.last_reset_at = time.monotonic()
@@ -216,12 +231,12 @@ class Watchdog:
         log.info("next stall reset no sooner than %.0fs from now", delay)
 
     def recover_backoff(self, now: float) -> None:
-        """Resume paused roles when the backoff ends; forget the backoff once the engine has
-        run a whole timeout past it without a new stall."""
+        """Resume paused roles when the backoff ends; forget the backoff once work gets done
+        again after the last reset."""
         if self.paused_roles and now >= self.backoff_until:
             self.paused_roles.clear()
-        if self.backoff_level and now >= self.backoff_until + self.timeout + self.grace \
-                and not self.paused_roles:
+        resumed = any(self.progress_at[role] > self.last_reset_at for role in self.reset_roles)
+        if self.backoff_level and now >= self.backoff_until and resumed:
             log.info("progress resumed: the reset backoff is cleared")
             self.backoff_level = 0
 

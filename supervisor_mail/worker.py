@@ -49,6 +49,7 @@ class Process:
         self.statedb: StateDB | None = None
         self.task: Task | None = None
         self.backend_pid: int | None = None
+        self.done = 0  # units of work completed, for the watchdog's stall check
         self._progress = 0
 
     @property
@@ -94,7 +95,7 @@ class Process:
             self._progress = progress
         assert self.statedb is not None
         self.statedb.beat(self.slot, self.role, os.getpid(), phase, self._progress,
-                          task=self.task, backend_pid=self.backend_pid)
+                          task=self.task, backend_pid=self.backend_pid, done=self.done)
         self.set_title(phase)
 
     def set_title(self, phase: str) -> None:
@@ -165,7 +166,12 @@ class SendWorker(Process):
         from supervisor_mail import outbox
 
         name = f"{self.cfg.engine.host_id}/send {self.slot}/{os.getpid()}"
-        outbox.run_send_worker(self.cfg, self.slot, self.beat, self.should_stop, name)
+        outbox.run_send_worker(self.cfg, self.slot, self.send_beat, self.should_stop, name)
+
+    def send_beat(self, phase: str, handled: int) -> None:
+        """The send loop's beat: its progress is the number of messages it handled."""
+        self.done = handled
+        self.beat(phase, handled)
 
 
 def make_process(role: ProcessRole, cfg: Config, slot: int, log_stderr: bool) -> Process:

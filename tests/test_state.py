@@ -101,3 +101,18 @@ def test_counters_add_up(tmp_path):
     db.count("messages_synced", 2)
     db.count("sends", 1, 'outcome="sent"')
     assert db.counters() == [("messages_synced", "", 5.0), ("sends", 'outcome="sent"', 1.0)]
+
+
+def test_a_file_of_another_version_is_rebuilt(tmp_path):
+    """A state DB left by another engine version is replaced, not half-used."""
+    import sqlite3
+
+    path = str(tmp_path / "h.db")
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE heartbeats (slot INTEGER PRIMARY KEY, pid INTEGER)")
+    old.execute("INSERT INTO heartbeats VALUES (1, 2)")
+    old.commit()
+    old.close()
+    db = StateDB(path)
+    db.beat(0, "sync", 5, "idle", 0, done=3)
+    assert [(hb.slot, hb.done) for hb in db.heartbeats()] == [(0, 3)]
