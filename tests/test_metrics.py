@@ -56,11 +56,14 @@ def test_counting_calls_become_counters_and_a_cumulative_histogram(tmp_path):
 def test_engine_gauges_from_heartbeats_slices_and_facts():
     """Heartbeat ages, workers by role, queue depth per sync slot, resets and backoff."""
     def hb(slot, role, age):
-        return Heartbeat(slot, role, os.getpid(), None, None, None, None, None, "idle", 0,
-                         100.0 - age, 0.0)
+        return Heartbeat(slot=slot, role=role, pid=os.getpid(), backend_pid=None, task_id=None,
+                         acntid=None, emfdid=None, folder=None, phase="idle", progress=0,
+                         done=0, beat=100.0 - age, started=0.0)
 
     def task(slot, state, due):
-        return Task(1, "sync_recent", 53, 824, "INBOX", 0, due, slot, state, 0, None, 0.0, None)
+        return Task(id=1, kind="sync_recent", acntid=53, emfdid=824, folder="INBOX", priority=0,
+                    due=due, slot=slot, state=state, attempts=0, reason=None, queued_at=0.0,
+                    started=None)
 
     snap = StateSnapshot(
         "x.db", heartbeats=[hb(MASTER_SLOT, "master", 0.5), hb(0, "sync", 1.5),

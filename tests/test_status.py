@@ -28,7 +28,7 @@ def beat(slot, role, pid, age, **task):
                      task_id=task.get("task_id"), acntid=task.get("acntid"),
                      emfdid=task.get("emfdid"), folder=task.get("folder"),
                      phase=task.get("phase", "idle"), progress=task.get("progress", 0),
-                     beat=MONO - age, started=MONO - 3600)
+                     done=0, beat=MONO - age, started=MONO - 3600)
 
 
 def task(id, slot, state, due, acntid=53, emfdid=824, kind="sync_recent", reason=None):
