@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--smtp-password-file", metavar="FILE",
                      help="a different SMTP password, read from FILE")
     command(acc_sub, "list", cmd_account_list, "list the accounts")
+    test = command(acc_sub, "test", cmd_account_test,
+                   "log in to the account's IMAP and SMTP servers, list its folders and report "
+                   "capabilities and any TLS or login problem (changes nothing)")
+    test.add_argument("account", help="acntid or e-mail address")
     rm = command(acc_sub, "remove", cmd_account_remove,
                  "remove an account with its folders, messages and outbox")
     rm.add_argument("account", help="acntid or e-mail address")
@@ -268,6 +272,18 @@ def cmd_account_list(args: argparse.Namespace) -> int:
         smtp = f"{a.smtp_host}:{a.smtp_port} {a.smtp_security}" if a.has_smtp else "-"
         print(f"{a.acntid:>6}  {'yes' if a.enabled else 'no':7}  {a.email:32}  {imap:28}  {smtp}")
     return EXIT_OK
+
+
+def cmd_account_test(args: argparse.Namespace) -> int:
+    from supervisor_mail import account_test
+    from supervisor_mail.errors import EXIT_SERVER
+
+    cfg = load_config(args)
+    with store.connect(cfg, "account") as conn:
+        account = accounts.get(conn, args.account)
+    ok, report = account_test.run(cfg, account)
+    print(report)
+    return EXIT_OK if ok else EXIT_SERVER
 
 
 def cmd_account_remove(args: argparse.Namespace) -> int:
