@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from supervisor_mail import config as config_mod
-from supervisor_mail import diagnose, logs, pidfile, privileges, proctitle, systemd
+from supervisor_mail import diagnose, logs, metrics, pidfile, privileges, proctitle, systemd
 from supervisor_mail.config import Config
 from supervisor_mail.errors import ConfigError, StateError
 from supervisor_mail.state import MASTER_SLOT, PLANNER_SLOT, StateDB, remove_files
@@ -112,6 +112,7 @@ class Master:
         if privileges.is_root():
             log.warning("running as root because [engine] allow_root = true")
         self.open_state_db()
+        self.metrics = metrics.start_metrics(self.cfg, self.statedb.path)  # None when off
         self.install_signals()
         proctitle.set_title("master")
         log.info("supervisor_mail started: %d sync and %d send workers, state DB %s",

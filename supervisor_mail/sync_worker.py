@@ -14,7 +14,7 @@ import time
 
 import psycopg
 
-from supervisor_mail import accounts, folders, imap_sync, store
+from supervisor_mail import accounts, folders, imap_sync, metrics, store
 from supervisor_mail.errors import DatabaseError, SupervisorMailError
 from supervisor_mail.logs import where
 from supervisor_mail.state import Task
@@ -94,8 +94,7 @@ class SyncWorker(Process):
         folder = folders.get(conn, task.emfdid)
         result = imap_sync.sync_folder(conn, self.session, folder, TaskKind(task.kind),
                                        self.cfg, self.sync_beat, self.should_stop)
-        self.statedb.count("messages_synced", result.new)
-        self.statedb.count("sync_bytes", result.bytes)
+        metrics.count_sync(self.statedb, task.kind, result.new, result.bytes)
         return not result.stopped
 
     def sync_beat(self, phase: str, count: int) -> None:
