@@ -33,7 +33,7 @@ def run_in_child(cfg: Config, backend_pid: int, name: str) -> None:
         logs.setup(cfg, "m")
         rows = blocking_backends(cfg, backend_pid)
         if not rows:
-            log.error("%s: its PostgreSQL backend %d was not blocked by another session",
+            log.info("%s: its PostgreSQL backend %d was not blocked by another session",
                       name, backend_pid)
         for pid, app, state, age, query in rows:
             log.error("%s: its PostgreSQL backend %d is blocked by backend %d (%s, %s for %s): %s",

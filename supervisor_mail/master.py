@@ -50,6 +50,7 @@ class Child:
     pid: int
     started: float
     replaces_hung: bool = False      # the slot's previous process was killed as hung
+    predecessor_task: int | None = None  # the task that previous process hung on
     killed_at: float | None = None   # when the watchdog sent SIGTERM
     hung: bool = False
 
@@ -62,6 +63,7 @@ class SlotRecord:
     boot_failures: int = 0
     not_before: float = 0.0
     last_hung: bool = False
+    hung_task: int | None = None
 
 
 def describe_status(status: int) -> str:
@@ -86,6 +88,7 @@ class Master:
         self.statedb = StateDB.for_config(cfg)
         self.watchdog = Watchdog(self)
         self.started = time.monotonic()
+        self.replacing = False  # stopping or reloading: exits are expected, not failures
         self._pipe_r = self._pipe_w = -1
 
     # --- the loop -------------------------------------------------------------------
@@ -212,8 +215,9 @@ class Master:
             self._close_master_fds()
             run_in_child(process)
         record = self.slots.setdefault(slot, SlotRecord())
-        self.children[pid] = Child(process, pid, time.monotonic(), replaces_hung=record.last_hung)
-        record.last_hung = False
+        self.children[pid] = Child(process, pid, time.monotonic(), replaces_hung=record.last_hung,
+                                   predecessor_task=record.hung_task)
+        record.last_hung, record.hung_task = False, None
         pidfile.write_worker(self.cfg.engine.pid_dir, process.name, pid)
 
     def _close_master_fds(self) -> None:
@@ -249,7 +253,7 @@ class Master:
             # the watchdog killed it: refill the slot at once, no respawn backoff
             record.failures, record.not_before, record.last_hung = 0, 0.0, True
             return
-        if self.watchdog.resetting:
+        if self.watchdog.resetting or self.replacing:
             return
         lived = time.monotonic() - child.started
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == WORKER_BOOT_ERROR:
@@ -293,9 +297,11 @@ class Master:
         return hit
 
     def wait_for_children(self, timeout: float, pids: set[int] | None = None) -> None:
-        """Reap until the children (or ``pids``) are gone or ``timeout`` passes."""
+        """Reap until the children (or ``pids``) are gone or ``timeout`` passes, beating so
+        that a long graceful stop is not mistaken for a hung master."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            self.beat()
             self.reap_workers()
             left = set(self.children) if pids is None else pids & set(self.children)
             if not left:
@@ -314,12 +320,16 @@ class Master:
         log.info("reloading: %d sync and %d send workers", new.sync_workers,
                  new.engine.send_workers)
         old = set(self.children)
-        self.signal_workers(signal.SIGTERM)
-        self.wait_for_children(self.cfg.engine.stop_timeout, old)
-        for child in self.signal_workers(signal.SIGKILL):
-            log.error("%s (pid %d) did not stop within %ds; killed", child.process.name,
-                      child.pid, self.cfg.engine.stop_timeout)
-        self.wait_for_children(5, old)
+        self.replacing = True
+        try:
+            self.signal_workers(signal.SIGTERM)
+            self.wait_for_children(self.cfg.engine.stop_timeout, old)
+            for child in self.signal_workers(signal.SIGKILL):
+                log.error("%s (pid %d) did not stop within %ds; killed", child.process.name,
+                          child.pid, self.cfg.engine.stop_timeout)
+            self.wait_for_children(5, old)
+        finally:
+            self.replacing = False
         self.cfg = new
         self.watchdog.configure()
         self.slots.clear()
@@ -329,6 +339,7 @@ class Master:
         log.info("stopping (%s)", stop.reason) if stop.code == 0 else log.error(
             "halting: %s", stop.reason)
         systemd.notify("STOPPING=1")
+        self.replacing = True
         self.signal_workers(signal.SIGTERM)
         self.wait_for_children(self.cfg.engine.stop_timeout if stop.graceful else 0.5)
         for child in self.signal_workers(signal.SIGKILL):

@@ -344,10 +344,15 @@ class StateDB:
         return [Task(**dict(row)) for row in rows.fetchall()]
 
     def clear_slices(self, slots: list[int]) -> int:
-        """Drop the queued and running tasks of these slots (set-aside ones are kept)."""
+        """Drop the tasks of these slots, so the planner plans them afresh. Tasks that have
+        hung a worker keep their count (a reset must not launder a poison task), and
+        set-aside ones stay set aside."""
         marks = ",".join("?" * len(slots))
-        return self.conn.execute(f"DELETE FROM tasks WHERE slot IN ({marks}) AND state != ?",
-                                 (*slots, TaskState.SET_ASIDE)).rowcount
+        self.conn.execute(f"UPDATE tasks SET state = ?, started = NULL WHERE slot IN ({marks}) "
+                          "AND state = ? AND attempts > 0",
+                          (TaskState.QUEUED, *slots, TaskState.RUNNING))
+        return self.conn.execute(f"DELETE FROM tasks WHERE slot IN ({marks}) AND attempts = 0",
+                                 slots).rowcount
 
     # --- counters (metrics) ---------------------------------------------------------
 

@@ -49,7 +49,8 @@ class Watchdog:
         self.fingerprint: str | None = None
         self.resetting = False
         self.done_seen: dict[int, int] = {}   # pid -> its heartbeat's `done` at the last check
-        self.progress_at = dict.fromkeys(WORKER_ROLES, time.monotonic())
+        self.progress_at = dict.fromkeys(WORKER_ROLES, time.monotonic())  # work done, or none due
+        self.work_at = dict.fromkeys(WORKER_ROLES, 0.0)  # work really done
         self.reset_roles: set[ProcessRole] = set()  # what the running backoff is about
         self.configure()
 
@@ -95,8 +96,14 @@ class Watchdog:
             age = now - max(last, child.started)
             if age < self.timeout:
                 continue
-            self.kill_hung(child, hb if hb is not None and hb.pid == child.pid else None, age)
-            if child.replaces_hung and child.process.role in WORKER_ROLES:
+            own = hb if hb is not None and hb.pid == child.pid else None
+            self.kill_hung(child, own, age)
+            task = own.task_id if own is not None else None
+            self.master.slots[child.process.slot].hung_task = task
+            # A replacement hanging on the task its predecessor hung on is that task's
+            # fault (it will be set aside); hanging on anything else is the engine's.
+            if child.replaces_hung and child.process.role in WORKER_ROLES \
+                    and (task is None or task != child.predecessor_task):
                 stalled.add(child.process.role)
         return stalled
 
@@ -147,6 +154,7 @@ class Watchdog:
             if hb.role in WORKER_ROLES:
                 if hb.done > self.done_seen.get(hb.pid, 0):
                     self.progress_at[ProcessRole(hb.role)] = now
+                    self.work_at[ProcessRole(hb.role)] = now
                 seen[hb.pid] = hb.done
         self.done_seen = seen
         if not due_sync:
@@ -235,7 +243,7 @@ class Watchdog:
         again after the last reset."""
         if self.paused_roles and now >= self.backoff_until:
             self.paused_roles.clear()
-        resumed = any(self.progress_at[role] > self.last_reset_at for role in self.reset_roles)
+        resumed = any(self.work_at[role] > self.last_reset_at for role in self.reset_roles)
         if self.backoff_level and now >= self.backoff_until and resumed:
             log.info("progress resumed: the reset backoff is cleared")
             self.backoff_level = 0

@@ -62,6 +62,8 @@ def test_hangs_set_a_task_aside(tmp_path):
     assert aside.state == TaskState.SET_ASIDE and aside.reason == "hung in fetch"
     assert db.claim(0) is None
     assert db.clear_slices([0]) == 0 and len(db.tasks()) == 1
+    db.enqueue([new(1, 2)], slots=[0], max_per_slot=10)
+    assert db.clear_slices([0]) == 1 and len(db.tasks()) == 1
 
 
 def test_heartbeat_upsert_keeps_start_of_same_pid(tmp_path):

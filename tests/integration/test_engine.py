@@ -7,47 +7,14 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
-from running_engine import Engine, pid_alive
+from running_engine import Engine, add_account, duplicates, message, pid_alive, queue, stored
 
-from supervisor_mail import accounts
 from supervisor_mail.state import PLANNER_SLOT, remove_files
 
 LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\]\[#\d+\.(m|p|t\d+)\] \S.*?"
                   r"( \[\d+,(\d+|-)\])?$")
-
-
-def message(n: int, subject: str = "engine test") -> bytes:
-    return (f"From: a@example.org\r\nTo: b@example.org\r\nSubject: {subject} {n}\r\n"
-            f"Message-ID: <engine-{n}-{time.time_ns()}@example.org>\r\n\r\nbody {n}\r\n"
-            ).encode()
-
-
-def add_account(db, imap_account, smtp_sink) -> int:
-    return accounts.add(
-        db, email=f"{imap_account.login}@example.org", imap_host=imap_account.server.host,
-        imap_port=imap_account.server.port, imap_security="plain",
-        imap_login=imap_account.login, imap_password=imap_account.password,
-        smtp_host=smtp_sink.host, smtp_port=smtp_sink.port, smtp_security="plain")
-
-
-def stored(db, acntid: int) -> int:
-    return db.execute("SELECT count(*) FROM email_messages m JOIN email_folders f USING (emfdid) "
-                      "WHERE f.acntid = %s AND m.deleted_at IS NULL AND m.retired_at IS NULL",
-                      (acntid,)).fetchone()[0]
-
-
-def duplicates(db) -> int:
-    return db.execute("SELECT count(*) FROM (SELECT 1 FROM email_messages "
-                      "GROUP BY emfdid, message_id HAVING count(*) > 1) d").fetchone()[0]
-
-
-def queue(db, acntid: int, n: int) -> int:
-    raw = message(n, "outbox")
-    return db.execute("INSERT INTO email_outbox (acntid, recipients, raw) VALUES (%s, %s, %s) "
-                      "RETURNING emobid", (acntid, ["rcpt@example.org"], raw)).fetchone()[0]
 
 
 @pytest.fixture
