@@ -35,7 +35,7 @@ from supervisor_mail.compose import BadMessage, Outgoing, Parts, compose
 from supervisor_mail.config import Config
 from supervisor_mail.errors import AuthError, ServerError
 from supervisor_mail.logs import where
-from supervisor_mail.sent_copy import SentFolder
+from supervisor_mail.sent_copy import SentFolder, record
 from supervisor_mail.smtp_client import Delivery, Refused, Session, Stale, TooLarge, settings_key
 
 log = logging.getLogger("supervisor_mail.outbox")
@@ -228,7 +228,7 @@ class SendWorker:
             return False
         outbox.mark_sent(self.conn, row.emobid,
                          "not sent again: found in the Sent folder after an interrupted delivery")
-        outbox.mark_filed(self.conn, row.emobid, *filed.link(self.conn, account.acntid))
+        outbox.mark_filed(self.conn, row.emobid, *record(self.conn, account.acntid, filed))
         log.info("message %s of an interrupted delivery is in Sent: marked sent, not resent",
                  out.message_id, extra=where(row.acntid))
         return True
@@ -237,13 +237,20 @@ class SendWorker:
         """APPEND the copy to Sent; a failure is logged and never causes a second send."""
         self.beat(f"[{row.acntid},-] filing", self.handled)
         try:
-            filed = self.sent_session(account).append(out)
-            outbox.mark_filed(self.conn, row.emobid, *filed.link(self.conn, account.acntid,
-                                                                  out.data))
+            session = self.sent_session(account)
+            filed = session.append(out)
+            outbox.mark_filed(self.conn, row.emobid,
+                              *record(self.conn, account.acntid, filed, session))
         except ServerError as exc:
             self.close_sent_folder()
             log.warning("sent message %s but could not file it in Sent: %s", out.message_id,
                         exc, extra=where(row.acntid))
+        except psycopg.OperationalError:
+            raise
+        except Exception:  # the message is out and recorded: nothing here may change that
+            self.close_sent_folder()
+            log.exception("sent message %s but could not file it in Sent", out.message_id,
+                          extra=where(row.acntid))
 
     def sent_session(self, account: Account) -> SentFolder:
         if self.sent_folder is not None and self.sent_folder.key != SentFolder.key_of(account):
