@@ -20,6 +20,7 @@ PROG = "supervisor-mail"
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.config = getattr(args, "config", None)  # -c given nowhere (see build_parser)
     if not getattr(args, "func", None):
         parser.print_usage(sys.stderr)
         print(f"{PROG}: error: a command is required", file=sys.stderr)
@@ -36,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", metavar="FILE",
+    # SUPPRESS: a subcommand without -c must not reset one given before it to None.
+    common.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
                         help=f"configuration file (default: $SUPERVISOR_MAIL_CONFIG or "
                              f"{config.DEFAULT_PATH})")
     parser = argparse.ArgumentParser(
@@ -74,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--account", type=int, metavar="N",
                         help="only account N (acntid), with its folders")
     command(commands, "initdb", cmd_initdb, "create or upgrade the PostgreSQL schema")
+    demo = command(commands, "demo", cmd_demo,
+                   "the whole engine on embedded PostgreSQL, IMAP and SMTP servers with sample "
+                   "mail: shows a sync and a delivery, then stops everything")
+    demo.add_argument("--keep-running", action="store_true",
+                      help="keep it all up for exploring with `status`, until Ctrl-C")
 
     cfg_cmd = commands.add_parser("config", help="validate, show or migrate the configuration")
     cfg_sub = cfg_cmd.add_subparsers(title="config commands", metavar="COMMAND")
@@ -176,6 +183,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
         sys.stdout.write(status.render(data, colour=colour))
     return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from supervisor_mail import demo  # the embedded servers: the test extra
+
+    return demo.run(args.keep_running)
 
 
 def cmd_initdb(args: argparse.Namespace) -> int:
