@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import psycopg
 
-from supervisor_mail import accounts, outbox, store
+from supervisor_mail import accounts, metrics, outbox, store
 from supervisor_mail.accounts import Account
 from supervisor_mail.compose import BadMessage, Outgoing, Parts, compose
 from supervisor_mail.config import Config
@@ -37,6 +37,7 @@ from supervisor_mail.errors import AuthError, ServerError
 from supervisor_mail.logs import where
 from supervisor_mail.sent_copy import SentFolder, record
 from supervisor_mail.smtp_client import Delivery, Refused, Session, Stale, TooLarge, settings_key
+from supervisor_mail.state import StateDB
 
 log = logging.getLogger("supervisor_mail.outbox")
 
@@ -59,6 +60,7 @@ class SendWorker:
         self.listener: psycopg.Connection | None = None
         self.smtp: Session | None = None
         self.sent_folder: SentFolder | None = None
+        self.statedb = StateDB.for_config(cfg)  # the metrics counters; opened at first use
         self._last_used = time.monotonic()
 
     def run(self) -> None:
@@ -142,6 +144,7 @@ class SendWorker:
             self.defer(row, out, str(exc), None)
         else:
             outbox.mark_sent(self.conn, row.emobid, delivery.reply, delivery.refused)
+            metrics.count_send(self.statedb, "sent", time.monotonic() - started)
             self.log_sent(row, out, delivery, time.monotonic() - started)
             if account.smtp_auth_error_at is not None:
                 accounts.clear_auth_error(self.conn, account.acntid, "smtp")
@@ -184,6 +187,7 @@ class SendWorker:
     def fail(self, row: outbox.Claimed, out: Outgoing | None, error: str,
              reply: str | None = None) -> None:
         outbox.fail(self.conn, row.emobid, self.name, error, reply)
+        metrics.count_send(self.statedb, "failed")
         log.error("failed message %s (outbox %d): %s", _ident(row, out), row.emobid, error,
                   extra=where(row.acntid))
 
@@ -191,6 +195,8 @@ class SendWorker:
               reply: str | None) -> None:
         result = outbox.defer(self.conn, row.emobid, self.name, error, reply,
                               outbox.backoff(row.attempts), self.cfg.outbox.max_lifetime)
+        if result is not None:
+            metrics.count_send(self.statedb, result[0])  # deferred, or failed: too old
         if result is None:
             log.warning("outbox %d was claimed by another worker meanwhile", row.emobid,
                         extra=where(row.acntid))
@@ -211,6 +217,7 @@ class SendWorker:
                 self.conn, account.acntid, row.emobid,
                 f"{error}; retried in {retry}s or as soon as the SMTP credentials change",
                 retry, self.cfg.outbox.max_lifetime)
+        metrics.count_send(self.statedb, "deferred")
         log.error("SMTP login failed, %d message(s) deferred for %ds: %s", deferred, retry,
                   error, extra=where(account.acntid))
 
