@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "mail: shows a sync and a delivery, then stops everything")
     demo.add_argument("--keep-running", action="store_true",
                       help="keep it all up for exploring with `status`, until Ctrl-C")
+    sync = command(commands, "sync", cmd_sync,
+                   "synchronize an account now, in the foreground (a progress bar on a terminal)")
+    sync.add_argument("account", help="acntid or e-mail address")
+    sync.add_argument("--folder", metavar="NAME",
+                      help="only this folder (as the server or people spell it); default: all")
+    sync.add_argument("--full", action="store_true",
+                      help="also reconcile flags and deletions, not only fetch new messages")
 
     cfg_cmd = commands.add_parser("config", help="validate, show or migrate the configuration")
     cfg_sub = cfg_cmd.add_subparsers(title="config commands", metavar="COMMAND")
@@ -202,6 +209,12 @@ def cmd_initdb(args: argparse.Namespace) -> int:
     else:
         print(f"schema is up to date (version {version}); nothing changed")
     return EXIT_OK
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from supervisor_mail import sync_command  # imports the IMAP stack only for this command
+
+    return sync_command.run(load_config(args), args.account, args.folder, args.full)
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

@@ -434,6 +434,10 @@ def store_batch(conn: psycopg.Connection, emfdid: int, uidvalidity: int, last_ui
     Returns the messages actually written.
     """
     with conn.transaction():
+        # Not waiting for the WAL flush loses nothing: a batch lost with a PostgreSQL
+        # crash is lost with its cursor advance (one transaction), so it is fetched
+        # again from the server, which still has it.
+        conn.execute("SET LOCAL synchronous_commit = off")
         stored_validity, cursor = folders.lock_cursor(conn, emfdid)
         if stored_validity != uidvalidity:
             raise DatabaseError(f"folder {emfdid} was reset to UIDVALIDITY {stored_validity} "
