@@ -1,8 +1,8 @@
 """``supervisor-mail status``: one screen that answers "is mail flowing?".
 
 It reads the state DB read-only (``mode=ro``, a one-second busy timeout) and
-PostgreSQL read-only (connect_timeout 3, statement_timeout 3s, in a thread
-abandoned after ``DB_DEADLINE`` seconds), so it still says what it can while the
+PostgreSQL read-only (connect_timeout 3, statement_timeout 3s, lock_timeout 1s, in a
+thread abandoned after ``DB_DEADLINE`` seconds), so it still says what it can while the
 engine or the database is hung: a part that cannot be read is reported as such
 (``state_db.error``, ``database.error``) and the rest is shown.
 
@@ -65,6 +65,7 @@ from supervisor_mail.states import OutboxState, TaskState
 VERSION = 1               # of the --json shape; raised when a field changes meaning
 STATE_DB_TIMEOUT = 1.0    # seconds a state DB read waits for a writer's lock
 PG_TIMEOUT = 3            # seconds: connect_timeout and statement_timeout of the status session
+PG_LOCK_TIMEOUT = 1       # seconds a status query waits for a lock (a migration, a hung writer)
 DB_DEADLINE = 2 * PG_TIMEOUT + 2  # seconds before a PostgreSQL read that hangs is given up
 HEALTH_WORDS = {control.HEALTHY: "healthy", control.MASTER_HUNG: "hung",
                 control.NOT_RUNNING: "not running", control.DEGRADED: "degraded"}
@@ -246,7 +247,7 @@ def read_database(cfg: Config, acntid: int | None, now: float) -> dict[str, Any]
         conn.execute("SELECT set_config('statement_timeout', %s, false),"
                      " set_config('lock_timeout', %s, false),"
                      " set_config('default_transaction_read_only', 'on', false)",
-                     (f"{PG_TIMEOUT}s", f"{PG_TIMEOUT}s"))
+                     (f"{PG_TIMEOUT}s", f"{PG_LOCK_TIMEOUT}s"))
         params = {"acntid": acntid}
         with conn.transaction():
             outbox_rows = conn.execute(_OUTBOX, params).fetchall()
