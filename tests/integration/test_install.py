@@ -15,12 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_PREFIX = "/opt/supervisor_mail"
-# Build products and caches are not part of a source tree.
-IGNORED = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
-                                 ".pytest_cache", ".ruff_cache")
+from install_helpers import DEFAULT_PREFIX, ROOT, copy_source, make
 
 
 def documented_tree() -> list[tuple[str, int, str]]:
@@ -33,22 +28,12 @@ def documented_tree() -> list[tuple[str, int, str]]:
     return [(path, int(mode, 8), owner) for path, mode, owner in rows]
 
 
-def make(source: Path, target: str, **variables: str) -> subprocess.CompletedProcess:
-    """Run one make target of the copied source tree; fail the test with its output."""
-    args = ["make", "--no-print-directory", "-C", str(source), target,
-            *(f"{k}={v}" for k, v in variables.items())]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"make {target} failed:\n{proc.stdout[-3000:]}{proc.stderr}"
-    return proc
-
-
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory):
     """`make install DESTDIR=stage PREFIX=<tmp>/opt/supervisor_mail` from a copy of the source
     tree (so a concurrent run in the checkout cannot share its build directory)."""
     base = tmp_path_factory.mktemp("install")
-    source = base / "src"
-    shutil.copytree(ROOT, source, ignore=IGNORED)
+    source = copy_source(base / "src")
     prefix = base / "opt" / "supervisor_mail"
     stage = base / "stage"
     proc = make(source, "install", DESTDIR=str(stage), PREFIX=str(prefix))
