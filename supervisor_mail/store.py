@@ -148,17 +148,20 @@ def fingerprint(conn: psycopg.Connection) -> str:
     resets the engine once, because the old engine hung in exactly that state.
     """
     tables = [MIGRATIONS_TABLE, *engine_tables()]
+    schemas = conn.execute("SELECT current_schemas(false)::text[]").fetchone()[0]
+    # Catalog rows only (no pg_get_indexdef, which locks the table): a migration holding
+    # ACCESS EXCLUSIVE locks must not hang the fingerprint, and its changes show at commit.
     rows = conn.execute("""
         SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull
         FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
-        WHERE c.oid = ANY (SELECT to_regclass(t) FROM unnest(%s::text[]) AS t)
+        WHERE c.relname = ANY (%(tables)s) AND c.relnamespace = ANY (%(schemas)s::regnamespace[])
           AND a.attnum > 0 AND NOT a.attisdropped
         UNION ALL
-        SELECT c.relname, i.relname, pg_get_indexdef(i.oid), true
+        SELECT c.relname, i.relname, x.indkey::text || ' ' || x.indclass::text, x.indisunique
         FROM pg_class c JOIN pg_index x ON x.indrelid = c.oid
         JOIN pg_class i ON i.oid = x.indexrelid
-        WHERE c.oid = ANY (SELECT to_regclass(t) FROM unnest(%s::text[]) AS t)
-        ORDER BY 1, 2""", (tables, tables)).fetchall()
+        WHERE c.relname = ANY (%(tables)s) AND c.relnamespace = ANY (%(schemas)s::regnamespace[])
+        ORDER BY 1, 2""", {"tables": tables, "schemas": schemas}).fetchall()
     digest = hashlib.sha256(repr(rows).encode())
     digest.update(repr(applied_versions(conn)).encode())
     return digest.hexdigest()[:16]

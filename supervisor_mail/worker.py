@@ -22,11 +22,13 @@ import time
 
 from supervisor_mail import logs, proctitle
 from supervisor_mail.config import Config
+from supervisor_mail.errors import DatabaseError
 from supervisor_mail.state import PLANNER_SLOT, StateDB, Task
 from supervisor_mail.states import ProcessRole
 
 WORKER_BOOT_ERROR = 3  # exit code: cannot start at all; the master stops respawning
 STACK_SIGNAL = signal.SIGUSR1  # the watchdog asks a hung process for its Python stack
+DB_RETRY = 2.0  # seconds a send worker waits after a database error before resuming
 
 log = logging.getLogger("supervisor_mail.worker")
 
@@ -163,10 +165,21 @@ class SendWorker(Process):
     role = ProcessRole.SEND
 
     def work(self) -> None:
+        import psycopg
+
         from supervisor_mail import outbox
 
         name = f"{self.cfg.engine.host_id}/send {self.slot}/{os.getpid()}"
-        outbox.run_send_worker(self.cfg, self.slot, self.send_beat, self.should_stop, name)
+        while not self.stopping:
+            try:
+                outbox.run_send_worker(self.cfg, self.slot, self.send_beat, self.should_stop,
+                                       name)
+            except (psycopg.Error, DatabaseError) as exc:
+                # A lock or statement timeout, or a database away for a moment: the claim
+                # was not taken or is rolled back, so start the loop again shortly.
+                log.warning("%s: database unavailable, resuming in %.0fs: %s", self.name,
+                            DB_RETRY, " ".join(str(exc).split()))
+                self.sleep(DB_RETRY, "waiting for database")
 
     def send_beat(self, phase: str, handled: int) -> None:
         """The send loop's beat: its progress is the number of messages it handled."""
