@@ -143,8 +143,9 @@ class Watchdog:
     # --- stalls and resets -------------------------------------------------------------
 
     def _sync_work_due(self) -> bool:
-        rows = self.master.statedb.tasks()
-        return any(t.state != TaskState.SET_ASIDE and t.due <= time.time() for t in rows)
+        """The planner only queues tasks that are due, so any task in a slice (even one put
+        back for a few seconds because the database was busy) is due work."""
+        return any(t.state != TaskState.SET_ASIDE for t in self.master.statedb.tasks())
 
     def note_progress(self, beats: dict, due_sync: bool, now: float) -> None:
         """A role progresses when a process of it reports more work done; sync with nothing
