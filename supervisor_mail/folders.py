@@ -107,28 +107,34 @@ def _unshift(b64: bytes) -> str:
 
 
 def assign_roles(listed: list[Listed], special_use: bool) -> dict[str, Role]:
-    """Roles by server name: INBOX always; the rest from SPECIAL-USE attributes when the
-    server offers them, else from well-known names. Each role goes to one folder at
-    most: the shallowest, then the first by name.
+    """Roles by server name: INBOX always; then SPECIAL-USE attributes when the server
+    offers them; then well-known names for the roles still missing (servers advertise
+    SPECIAL-USE without flagging any mailbox). Each role goes to one folder at most:
+    the shallowest, then the first by name.
     """
     roles: dict[str, Role] = {}
-    taken: set[Role] = set()
-    for item in sorted(listed, key=lambda f: (_depth(f), f.server_name)):
-        role = _role_of(item, special_use)
-        if role and role not in taken and item.selectable:
-            roles[item.server_name] = role
-            taken.add(role)
+    ordered = sorted((f for f in listed if f.selectable), key=lambda f: (_depth(f), f.server_name))
+    rules = [_by_inbox] + ([_by_attribute] if special_use else []) + [_by_name]
+    for rule in rules:
+        for item in ordered:
+            role = rule(item)
+            if role and item.server_name not in roles and role not in roles.values():
+                roles[item.server_name] = role
     return roles
 
 
-def _role_of(item: Listed, special_use: bool) -> Role | None:
-    if item.server_name.upper() == "INBOX":
-        return Role.INBOX
-    if special_use:
-        for attribute in item.attributes:
-            if attribute.lower() in SPECIAL_USE:
-                return SPECIAL_USE[attribute.lower()]
-        return None
+def _by_inbox(item: Listed) -> Role | None:
+    return Role.INBOX if item.server_name.upper() == "INBOX" else None
+
+
+def _by_attribute(item: Listed) -> Role | None:
+    for attribute in item.attributes:
+        if attribute.lower() in SPECIAL_USE:
+            return SPECIAL_USE[attribute.lower()]
+    return None
+
+
+def _by_name(item: Listed) -> Role | None:
     leaf = decode_name(item.server_name.encode("utf-8"))
     if item.delimiter:
         leaf = leaf.rsplit(item.delimiter, 1)[-1]

@@ -64,13 +64,13 @@ def _log_retry(what: str) -> Callable[[tenacity.RetryCallState], None]:
 # shortly; a bad password never is (AuthError is not transient).
 LOGIN_RETRY = dict(retry=tenacity.retry_if_exception_type(TransientServerError),
                    stop=tenacity.stop_after_attempt(3),
-                   wait=tenacity.wait_exponential_jitter(initial=1, max=4),
+                   wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=4, jitter=0.5),
                    before_sleep=_log_retry("IMAP connect"), reraise=True)
 # A connection lost mid-sync is reopened and the folder resumes from its committed
 # cursor; the waits (about 1 + 2 + 4 s) stay far below watchdog.worker_timeout.
 NETWORK_RETRY = dict(retry=tenacity.retry_if_exception_type(NetworkError),
                      stop=tenacity.stop_after_attempt(4),
-                     wait=tenacity.wait_exponential_jitter(initial=1, max=8),
+                     wait=tenacity.wait_exponential_jitter(multiplier=1, max=8),
                      before_sleep=_log_retry("folder sync"), reraise=True)
 
 

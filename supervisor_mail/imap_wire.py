@@ -72,10 +72,10 @@ def execute(client: imapclient.IMAPClient, command: bytes, on_response: Handler,
             parts = _read_response(imap, literal_cap)
             head = parts[0]
             if head.startswith(tag + b" "):
-                status, _, text = head[len(tag) + 1:].rstrip(b"\r\n").partition(b" ")
+                status, _, said = head[len(tag) + 1:].rstrip(b"\r\n").partition(b" ")
                 if status == b"BAD":
-                    raise ProtocolError(f"server rejected {_shown(command)}: {text(text)}")
-                return status, text
+                    raise ProtocolError(f"server rejected {_shown(command)}: {text(said)}")
+                return status, said
             if head.startswith(b"+"):
                 raise ProtocolError(f"unexpected continuation request after {_shown(command)}")
             if not head.startswith(b"* "):
@@ -93,7 +93,7 @@ def _read_response(imap, literal_cap: int | None) -> list:
     lines, literals = [], []
     while True:
         line = imap.readline()
-        if not line:
+        if not line.endswith(b"\n"):  # nothing, or a line cut short: the connection is gone
             raise EOFError("server closed the connection")
         match = _LITERAL_AT_END.search(line)
         if not match:
@@ -140,27 +140,27 @@ def _dispatch(parts: list, on_response: Handler) -> None:
         on_response(items[0].upper(), items[1:])
 
 
-def parse(text: bytes, literals: list | tuple = ()) -> list:
+def parse(line: bytes, literals: list | tuple = ()) -> list:
     """The items of one response line: ints, bytes, nested lists; NIL is None.
 
-    A NUL byte in ``text`` stands for the next literal of ``literals``.
+    A NUL byte in ``line`` stands for the next literal of ``literals``.
     """
     stack: list[list] = [[]]
     pending = iter(literals)
-    pos, end = 0, len(text)
+    pos, end = 0, len(line)
     while pos < end:
-        match = _TOKEN.match(text, pos)
+        match = _TOKEN.match(line, pos)
         if not match or match.end() == pos:
-            if text[pos:].strip(b" ") == b"":
+            if line[pos:].strip(b" ") == b"":
                 break
-            raise ProtocolError(f"cannot parse server response at {text(text[pos:pos + 60])}")
+            raise ProtocolError(f"cannot parse server response at {text(line[pos:pos + 60])}")
         pos = match.end()
         kind = match.lastgroup
         if kind == "open":
             stack.append([])
         elif kind == "close":
             if len(stack) == 1:
-                raise ProtocolError(f"unbalanced ')' in server response: {text(text[:80])}")
+                raise ProtocolError(f"unbalanced ')' in server response: {text(line[:80])}")
             done = stack.pop()
             stack[-1].append(done)
         elif kind == "quoted":
@@ -171,7 +171,7 @@ def parse(text: bytes, literals: list | tuple = ()) -> list:
             atom = match["atom"]
             stack[-1].append(int(atom) if atom.isdigit() else None if atom == b"NIL" else atom)
     if len(stack) != 1:
-        raise ProtocolError(f"unbalanced '(' in server response: {text(text[:80])}")
+        raise ProtocolError(f"unbalanced '(' in server response: {text(line[:80])}")
     return stack[0]
 
 

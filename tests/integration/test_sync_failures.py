@@ -1,0 +1,188 @@
+"""The sync when things go wrong, against the real servers: a process killed mid-sync, a
+wrong password, a server refusing for load, a connection cut mid-FETCH, a garbled
+response, TLS that is required but missing or not trusted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from imap_proxy import ImapProxy
+from sync_helpers import (
+    FIRST_SERVER,
+    add_account,
+    captured_log,
+    digests,
+    folder_of,
+    on_server,
+    run_sync,
+    stored,
+)
+
+from supervisor_mail import accounts
+from supervisor_mail.embedded.imap import make_server
+from supervisor_mail.embedded.imap_admin import Mailbox, fill_mailbox
+from supervisor_mail.errors import (
+    AuthError,
+    ProtocolError,
+    ServerError,
+    TLSRequiredError,
+    TransientServerError,
+)
+from supervisor_mail.imap_sync import AuthBackoffError
+
+
+def _wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.005)
+
+
+def test_sigkill_mid_sync_leaves_no_duplicate_and_the_next_sync_completes(
+        mailbox, imap_account, imap_server, db, db_dsn, make_cfg):
+    """A forked child syncing a large folder in batches of 5 is SIGKILLed after some
+    commits: what it stored is whole and matches its cursor; the next sync adds exactly
+    the rest, byte-exact, once."""
+    count = 150 if imap_server.name == "dovecot" else 40  # pymap appends slowly
+    fill_mailbox(mailbox, "INBOX", count)
+    acntid = add_account(db, imap_account)
+    cfg = make_cfg(db_dsn, sync__batch_size=5)
+    pid = os.fork()
+    if pid == 0:  # the child: its own connections, and a pause after each commit
+        try:
+            run_sync(cfg, acntid, beat=lambda phase, n: time.sleep(0.03) if phase == "commit"
+                     else None)
+        finally:
+            os._exit(0)
+    try:
+        _wait_for(lambda: db.execute("SELECT count(*) FROM email_messages").fetchone()[0] >= 15)
+        os.kill(pid, signal.SIGKILL)
+    finally:
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    inbox = folder_of(db, acntid, "INBOX")
+    partial = stored(db, inbox.emfdid)
+    assert 15 <= len(partial) < count
+    assert inbox.last_uid == max(partial)  # cursor and rows committed together
+    result = run_sync(cfg, acntid)
+    assert result.new == count - len(partial)
+    total, distinct = db.execute("SELECT count(*), count(DISTINCT uid) FROM email_messages"
+                                 ).fetchone()
+    assert total == distinct == count
+    assert digests(stored(db, inbox.emfdid)) == digests(on_server(mailbox, "INBOX"))
+
+
+def test_wrong_password_is_tried_once_per_retry_period(imap_account, imap_server, db,
+                                                       make_cfg, db_dsn):
+    """However often a sync is asked for, the server sees one login per
+    sync.auth_error_retry (counted in its own log); new credentials re-arm at once."""
+    cfg = make_cfg(db_dsn, sync__auth_error_retry=2)
+    acntid = add_account(db, imap_account, password="not-the-password")
+    with pytest.raises(AuthError) as first:
+        run_sync(cfg, acntid)
+    assert not isinstance(first.value, AuthBackoffError)
+    for _ in range(5):
+        with pytest.raises(AuthBackoffError, match="correct the credentials"):
+            run_sync(cfg, acntid)
+    assert imap_server.login_attempts(imap_account.login) == 1
+    account = accounts.get(db, acntid)
+    assert account.imap_auth_error_at is not None and "refused" in account.imap_auth_error
+    time.sleep(2.2)  # the period is over: exactly one more attempt, then backoff again
+    for _ in range(3):
+        with pytest.raises(AuthError):
+            run_sync(cfg, acntid)
+    assert imap_server.login_attempts(imap_account.login) == 2
+    accounts.update(db, acntid, imap_password=imap_account.password)
+    assert run_sync(cfg, acntid).new == 0
+    assert imap_server.login_attempts(imap_account.login) == 3
+    assert accounts.get(db, acntid).imap_auth_error_at is None
+
+
+@pytest.mark.parametrize("imap_server", [FIRST_SERVER], indirect=True)
+@pytest.mark.parametrize("refusal", [
+    b"NO [LIMIT] Too many connections from 127.0.0.1",
+    b"NO [UNAVAILABLE] Temporary authentication failure, try again later",
+    b"* BYE Maximum number of connections from user+IP exceeded "
+    b"(mail_max_userip_connections=1)",
+], ids=["limit", "unavailable", "bye-max-connections"])
+def test_load_refusal_is_transient_and_never_an_auth_error(imap_account, db, cfg, refusal):
+    """A LOGIN refused for load (a proxy in front of the real server answers it) is a
+    transient error, retried shortly, and starts no auth backoff: once the server
+    accepts again, the next sync logs in at once."""
+    with ImapProxy(imap_account.server.host, imap_account.server.port,
+                   refuse_login=refusal) as proxy:
+        acntid = add_account(db, imap_account, host=proxy.host, port=proxy.port)
+        with pytest.raises(TransientServerError) as error:
+            run_sync(cfg, acntid)
+        assert not isinstance(error.value, AuthError)
+        assert proxy.logins_refused == 3  # imap_sync.LOGIN_RETRY: three tries, seconds apart
+        account = accounts.get(db, acntid)
+        assert account.imap_auth_error_at is None and account.imap_auth_error is None
+        proxy.refuse_login = None
+        assert run_sync(cfg, acntid).new == 0
+
+
+def test_connection_cut_mid_fetch_is_recovered(mailbox, imap_account, db, make_cfg, db_dsn):
+    """A connection closed halfway through the message bytes is reopened, the folder
+    resumes from its committed cursor, and every message ends up stored once, exact."""
+    uids = fill_mailbox(mailbox, "INBOX", 24)
+    reference = on_server(mailbox, "INBOX")
+    with ImapProxy(imap_account.server.host, imap_account.server.port,
+                   cut_after=sum(map(len, reference.values())) // 2) as proxy:
+        acntid = add_account(db, imap_account, host=proxy.host, port=proxy.port)
+        with captured_log() as lines:
+            result = run_sync(make_cfg(db_dsn, sync__batch_size=4), acntid)
+    assert proxy.cuts_done == 1 and proxy.connections == 2
+    assert any("connection lost during UID FETCH" in line for line in lines)
+    assert result.new == len(uids)
+    inbox = folder_of(db, acntid, "INBOX")
+    assert digests(stored(db, inbox.emfdid)) == digests(reference)
+    assert db.execute("SELECT count(*) FROM email_messages").fetchone()[0] == len(uids)
+
+
+def test_garbled_response_fails_the_task_with_a_clear_error(mailbox, imap_account, db, cfg):
+    """A FETCH response that is not IMAP fails that sync with a ProtocolError recorded on
+    the folder and logged with [acntid,emfdid]; the next sync, clean, stores everything."""
+    fill_mailbox(mailbox, "INBOX", 3)
+    with ImapProxy(imap_account.server.host, imap_account.server.port) as proxy:
+        proxy.rewrite = lambda data: data.replace(b"RFC822.SIZE ", b"RFC822.SIZE ((")
+        acntid = add_account(db, imap_account, host=proxy.host, port=proxy.port)
+        with captured_log() as lines, pytest.raises(ProtocolError, match="unbalanced"):
+            run_sync(cfg, acntid)
+        inbox = folder_of(db, acntid, "INBOX")
+        assert "unbalanced" in inbox.last_error
+        assert lines[-1].endswith(f"[{acntid},{inbox.emfdid}]") and "failed" in lines[-1]
+        proxy.rewrite = None
+        assert run_sync(cfg, acntid).new == 3
+    assert folder_of(db, acntid, "INBOX").last_error is None
+
+
+def test_starttls_required_but_not_offered_is_refused(imap_account, imap_server, db, cfg):
+    """An account that requires STARTTLS never talks in plain text to a server without
+    it: TLSRequiredError, no login sent, no auth backoff."""
+    acntid = add_account(db, imap_account, security="starttls")
+    with pytest.raises(TLSRequiredError, match="does not offer STARTTLS"):
+        run_sync(cfg, acntid)
+    assert imap_server.login_attempts(imap_account.login) == 0
+    assert accounts.get(db, acntid).imap_auth_error_at is None
+
+
+def test_starttls_verifies_the_certificate(imap_server, db, make_cfg, db_dsn):
+    """Over STARTTLS an untrusted certificate is refused before the login; with the CA
+    in engine.tls_ca_file the same account syncs."""
+    with make_server(imap_server.name, starttls=True) as tls_server:
+        account = tls_server.new_account()
+        with Mailbox.for_account(account) as mailbox:
+            fill_mailbox(mailbox, "INBOX", 2)
+        acntid = add_account(db, account, security="starttls")
+        logins = tls_server.login_attempts(account.login)  # the filling session's
+        with pytest.raises(ServerError, match="certificate not trusted") as error:
+            run_sync(make_cfg(db_dsn), acntid)
+        assert not isinstance(error.value, AuthError)
+        assert tls_server.login_attempts(account.login) == logins
+        trusted = make_cfg(db_dsn, engine__tls_ca_file=str(tls_server.ca_pem_path))
+        assert run_sync(trusted, acntid).new == 2
