@@ -144,8 +144,8 @@ class SendWorker:
             self.defer(row, out, str(exc), None)
         else:
             outbox.mark_sent(self.conn, row.emobid, delivery.reply, delivery.refused)
-            metrics.count_send(self.statedb, "sent", time.monotonic() - started)
             self.log_sent(row, out, delivery, time.monotonic() - started)
+            metrics.count_send(self.statedb, "sent", time.monotonic() - started)
             if account.smtp_auth_error_at is not None:
                 accounts.clear_auth_error(self.conn, account.acntid, "smtp")
             if account.has_imap:
@@ -187,16 +187,14 @@ class SendWorker:
     def fail(self, row: outbox.Claimed, out: Outgoing | None, error: str,
              reply: str | None = None) -> None:
         outbox.fail(self.conn, row.emobid, self.name, error, reply)
-        metrics.count_send(self.statedb, "failed")
         log.error("failed message %s (outbox %d): %s", _ident(row, out), row.emobid, error,
                   extra=where(row.acntid))
+        metrics.count_send(self.statedb, "failed")  # after the log line, which tests await
 
     def defer(self, row: outbox.Claimed, out: Outgoing | None, error: str,
               reply: str | None) -> None:
         result = outbox.defer(self.conn, row.emobid, self.name, error, reply,
                               outbox.backoff(row.attempts), self.cfg.outbox.max_lifetime)
-        if result is not None:
-            metrics.count_send(self.statedb, result[0])  # deferred, or failed: too old
         if result is None:
             log.warning("outbox %d was claimed by another worker meanwhile", row.emobid,
                         extra=where(row.acntid))
@@ -207,6 +205,8 @@ class SendWorker:
             log.warning("deferred message %s (outbox %d) until %s (attempt %d): %s",
                         _ident(row, out), row.emobid, result[1].astimezone().strftime("%H:%M:%S"),
                         row.attempts, error, extra=where(row.acntid))
+        if result is not None:
+            metrics.count_send(self.statedb, result[0])  # deferred, or failed: too old
 
     def auth_failed(self, row: outbox.Claimed, account: Account, error: str) -> None:
         """Back the account's SMTP off (IMAP goes on) and defer all its waiting messages."""
@@ -217,9 +217,9 @@ class SendWorker:
                 self.conn, account.acntid, row.emobid,
                 f"{error}; retried in {retry}s or as soon as the SMTP credentials change",
                 retry, self.cfg.outbox.max_lifetime)
-        metrics.count_send(self.statedb, "deferred")
         log.error("SMTP login failed, %d message(s) deferred for %ds: %s", deferred, retry,
                   error, extra=where(account.acntid))
+        metrics.count_send(self.statedb, "deferred")
 
     def found_in_sent(self, row: outbox.Claimed, account: Account, out: Outgoing) -> bool:
         """After a claimer died: if our APPEND put the message in Sent, it went out already."""
