@@ -29,18 +29,25 @@ seconds, ages and durations seconds, ``null`` for "never" or "unknown"::
      "accounts": [{"acntid": 53, "email": "a@example.com", "enabled": true,
                    "last_recent_sync": 1699999000.0, "last_full_sync": 1699990000.0,
                    "lag": 0.0, "due_folders": 0, "imap_backoff_until": null,
-                   "smtp_backoff_until": null, "last_error": null, "last_error_at": null,
-                   "folders": [...]}],   # "folders" only with --account
+                   "imap_auth_error": null, "smtp_backoff_until": null,
+                   "smtp_auth_error": null, "last_error": null, "last_error_at": null,
+                   "folders": [   # only with --account
+                       {"emfdid": 824, "name": "INBOX", "priority": "hi",
+                        "last_recent_sync": 1699999000.0, "last_full_sync": 1699990000.0,
+                        "last_uid": 4711, "lag": null, "gone": false, "last_error": null,
+                        "last_error_at": null}]}],
      "state_db": {"path": "/run/supervisor_mail/127.0.0.1.db", "error": null},
      "database": {"error": null}}
 
 A process's ``state`` is ``ok``, ``hung`` (no beat for ``watchdog.worker_timeout``,
 ``master_timeout`` for the master), ``stopped`` (SIGSTOPped: it cannot beat) or
-``gone`` (its pid no longer exists); ``hung`` is true for all but ``ok``. ``account``
-is the acntid of ``--account N`` (then everything is narrowed to that account, and
-its entry in ``accounts`` lists its ``folders``), else ``null``. ``outbox``
-and ``accounts`` are ``null`` when PostgreSQL could not be read. No password is
-ever selected, so none can be shown.
+``gone`` (its pid no longer exists); ``hung`` is true for all but ``ok``. ``lag`` is
+how long the most overdue folder has been due by the planner's rules (0, or ``null``
+for a folder, when none is); ``*_backoff_until`` is the end of a running auth
+backoff. ``account`` is the acntid of ``--account N`` (then everything is narrowed
+to that account, and its entry in ``accounts`` lists its ``folders``), else
+``null``. ``outbox`` and ``accounts`` are ``null`` when PostgreSQL could not be
+read. No password is ever selected, so none can be shown.
 """
 
 from __future__ import annotations
