@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from supervisor_mail import pidfile
 from supervisor_mail.config import Config
 from supervisor_mail.errors import StateError
-from supervisor_mail.state import MASTER_SLOT, StateDB, db_path, remove_files
+from supervisor_mail.state import MASTER_SLOT, db_path, read_snapshot, remove_files
 from supervisor_mail.states import TaskState
 
 HEALTHY, MASTER_HUNG, NOT_RUNNING, DEGRADED = 0, 1, 2, 3
@@ -59,19 +58,17 @@ def health(cfg: Config) -> Health:
     if pid is None:
         return Health(NOT_RUNNING, "not running: no master holds "
                       f"{os.path.join(cfg.engine.pid_dir, pidfile.MASTER)}")
-    try:
-        db = StateDB(db_path(cfg))
-        beats = {hb.slot: hb for hb in db.heartbeats()}
-        facts = db.facts()
-        aside = [t for t in db.tasks() if t.state == TaskState.SET_ASIDE]
-        db.close()
-    except (sqlite3.DatabaseError, StateError) as exc:
-        return Health(DEGRADED, f"degraded: master {pid} runs but the state DB is unreadable "
-                      f"({exc}); the engine rebuilds it", pid)
+    snap = read_snapshot(db_path(cfg))  # read-only: a healthcheck never creates or rebuilds
+    if snap.error:
+        return Health(DEGRADED, f"degraded: master {pid} runs but its state DB cannot be read "
+                      f"({snap.error}); the engine rebuilds it", pid)
+    beats = {hb.slot: hb for hb in snap.heartbeats}
+    facts = snap.facts
+    aside = [t for t in snap.tasks if t.state == TaskState.SET_ASIDE]
     master = beats.get(MASTER_SLOT)
     if master is None or master.pid != pid:
         return Health(DEGRADED, f"degraded: master {pid} is starting or resetting", pid)
-    age = master.age()
+    age = master.age(snap.monotonic)
     if age > cfg.watchdog.master_timeout:
         return Health(MASTER_HUNG, f"hung: master {pid} has not beaten for {age:.0f}s", pid)
     backoff = float(facts.get("backoff_until") or 0)
@@ -121,7 +118,8 @@ def stop(cfg: Config) -> str:
                          "run `supervisor-mail reset`")
     deadline = time.monotonic() + cfg.engine.stop_timeout + 15
     while time.monotonic() < deadline:
-        if pidfile.live_master(cfg.engine.pid_dir) is None:
+        # the lock goes a moment before the process: wait for both
+        if pidfile.live_master(cfg.engine.pid_dir) is None and not is_ours(pid):
             return f"stopped master {pid}"
         time.sleep(0.1)
     raise StateError(f"master {pid} did not stop within {cfg.engine.stop_timeout + 15}s; "

@@ -35,9 +35,8 @@ from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from supervisor_mail.config import Config
-from supervisor_mail.state import MASTER_SLOT, StateDB
+from supervisor_mail.state import MASTER_SLOT, StateDB, StateSnapshot, read_snapshot
 from supervisor_mail.states import ProcessRole, TaskState
-from supervisor_mail.status import StateSnapshot, read_snapshot
 
 log = logging.getLogger("supervisor_mail.metrics")
 

@@ -11,6 +11,8 @@ import pwd
 from supervisor_mail.config import Config
 from supervisor_mail.errors import ConfigError, StateError
 
+DIR_MODE = 0o2770  # u+rwX,g+rwXs,o-rwx, as the old installation guide had it
+
 
 def is_root() -> bool:
     return os.geteuid() == 0
@@ -31,7 +33,9 @@ def drop(cfg: Config) -> None:
         raise ConfigError(f"[engine] user = {user!r}: no such user on this system") from None
     for path in (cfg.engine.data_dir, cfg.engine.pid_dir, cfg.engine.log_dir):
         try:
-            os.makedirs(path, exist_ok=True)
+            if not os.path.isdir(path):
+                os.makedirs(path)
+                os.chmod(path, DIR_MODE)  # an existing directory keeps the mode it was given
             os.chown(path, entry.pw_uid, entry.pw_gid)
         except OSError as exc:
             raise StateError(f"{path}: cannot prepare it for {user}: {exc.strerror}") from None

@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import quote
 
 from supervisor_mail.config import Config
 from supervisor_mail.errors import StateError
@@ -121,6 +122,57 @@ class Heartbeat:
 
     def age(self, now: float | None = None) -> float:
         return (time.monotonic() if now is None else now) - self.beat
+
+
+STATE_DB_TIMEOUT = 1.0  # seconds a read-only snapshot waits for a writer's lock
+
+
+@dataclass
+class StateSnapshot:
+    """What the state DB held at one instant, or ``error`` saying why it could not be read."""
+
+    path: str
+    heartbeats: list[Heartbeat] = field(default_factory=list)
+    tasks: list[Task] = field(default_factory=list)
+    facts: dict[str, str | None] = field(default_factory=dict)
+    counters: list[tuple[str, str, float]] = field(default_factory=list)
+    monotonic: float = 0.0  # time.monotonic() of the read: heartbeat ages are measured on it
+    wall: float = 0.0       # time.time() of the read
+    error: str | None = None
+
+
+def read_snapshot(path: str, timeout: float = STATE_DB_TIMEOUT) -> StateSnapshot:
+    """Read every table of the state DB in one read transaction, never writing or creating it.
+
+    A missing, unreadable or locked file gives a snapshot with ``error`` set, not an
+    exception: status and metrics report that and go on.
+    """
+    snap = StateSnapshot(path, monotonic=time.monotonic(), wall=time.time())
+    if not os.path.exists(path):
+        snap.error = f"{path} does not exist (the engine has not run since boot, or is resetting)"
+        return snap
+    try:
+        conn = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, timeout=timeout,
+                               isolation_level=None)
+    except sqlite3.Error as exc:
+        snap.error = f"{path}: {exc}"
+        return snap
+    conn.row_factory = sqlite3.Row
+    try:
+        conn.execute("BEGIN")  # one snapshot of all four tables
+        snap.heartbeats = [Heartbeat(**dict(r)) for r in
+                           conn.execute("SELECT * FROM heartbeats ORDER BY slot")]
+        snap.tasks = [Task(**dict(r)) for r in
+                      conn.execute("SELECT * FROM tasks ORDER BY slot, priority, due")]
+        snap.facts = {r["key"]: r["value"] for r in conn.execute("SELECT key, value FROM engine")}
+        snap.counters = [tuple(r) for r in
+                         conn.execute("SELECT name, labels, value FROM counters ORDER BY 1, 2")]
+        snap.monotonic, snap.wall = time.monotonic(), time.time()
+    except sqlite3.Error as exc:
+        snap.error = f"{path}: {exc}"
+    finally:
+        conn.close()
+    return snap
 
 
 def db_path(cfg: Config) -> str:

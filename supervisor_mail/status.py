@@ -52,25 +52,19 @@ read. No password is ever selected, so none can be shown.
 
 from __future__ import annotations
 
-import os
-import sqlite3
 import threading
-import time
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-from urllib.parse import quote
 
 import psycopg
 
 from supervisor_mail import control, planner
 from supervisor_mail.config import Config, mask_dsn
 from supervisor_mail.errors import NotFoundError
-from supervisor_mail.state import MASTER_SLOT, Heartbeat, Task, db_path
+from supervisor_mail.state import MASTER_SLOT, StateSnapshot, Task, db_path, read_snapshot
 from supervisor_mail.states import OutboxState, TaskState
 
 VERSION = 1               # of the --json shape; raised when a field changes meaning
-STATE_DB_TIMEOUT = 1.0    # seconds a state DB read waits for a writer's lock
 PG_TIMEOUT = 3            # seconds: connect_timeout and statement_timeout of the status session
 PG_LOCK_TIMEOUT = 1       # seconds a status query waits for a lock (a migration, a hung writer)
 DB_DEADLINE = 2 * PG_TIMEOUT + 2  # seconds before a PostgreSQL read that hangs is given up
@@ -79,54 +73,6 @@ HEALTH_WORDS = {control.HEALTHY: "healthy", control.MASTER_HUNG: "hung",
 
 
 # --- the state DB, read-only ----------------------------------------------------------------
-
-@dataclass
-class StateSnapshot:
-    """What the state DB held at one instant, or ``error`` saying why it could not be read."""
-
-    path: str
-    heartbeats: list[Heartbeat] = field(default_factory=list)
-    tasks: list[Task] = field(default_factory=list)
-    facts: dict[str, str | None] = field(default_factory=dict)
-    counters: list[tuple[str, str, float]] = field(default_factory=list)
-    monotonic: float = 0.0  # time.monotonic() of the read: heartbeat ages are measured on it
-    wall: float = 0.0       # time.time() of the read
-    error: str | None = None
-
-
-def read_snapshot(path: str, timeout: float = STATE_DB_TIMEOUT) -> StateSnapshot:
-    """Read every table of the state DB in one read transaction, never writing or creating it.
-
-    A missing, unreadable or locked file gives a snapshot with ``error`` set, not an
-    exception: status and metrics report that and go on.
-    """
-    snap = StateSnapshot(path, monotonic=time.monotonic(), wall=time.time())
-    if not os.path.exists(path):
-        snap.error = f"{path} does not exist (the engine has not run since boot, or is resetting)"
-        return snap
-    try:
-        conn = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, timeout=timeout,
-                               isolation_level=None)
-    except sqlite3.Error as exc:
-        snap.error = f"{path}: {exc}"
-        return snap
-    conn.row_factory = sqlite3.Row
-    try:
-        conn.execute("BEGIN")  # one snapshot of all four tables
-        snap.heartbeats = [Heartbeat(**dict(r)) for r in
-                           conn.execute("SELECT * FROM heartbeats ORDER BY slot")]
-        snap.tasks = [Task(**dict(r)) for r in
-                      conn.execute("SELECT * FROM tasks ORDER BY slot, priority, due")]
-        snap.facts = {r["key"]: r["value"] for r in conn.execute("SELECT key, value FROM engine")}
-        snap.counters = [tuple(r) for r in
-                         conn.execute("SELECT name, labels, value FROM counters ORDER BY 1, 2")]
-        snap.monotonic, snap.wall = time.monotonic(), time.time()
-    except sqlite3.Error as exc:
-        snap.error = f"{path}: {exc}"
-    finally:
-        conn.close()
-    return snap
-
 
 def process_state(pid: int) -> str:
     """``running``, ``stopped`` (SIGSTOP, or a tracer), ``zombie`` or ``gone``, from /proc."""

@@ -6,8 +6,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor_mail import metrics
 from supervisor_mail.config import SETTINGS, Config
-from supervisor_mail.state import MASTER_SLOT, Heartbeat, StateDB, Task
-from supervisor_mail.status import StateSnapshot, read_snapshot
+from supervisor_mail.state import (
+    MASTER_SLOT,
+    Heartbeat,
+    StateDB,
+    StateSnapshot,
+    Task,
+    read_snapshot,
+)
 
 
 def make_cfg() -> Config:

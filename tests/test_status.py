@@ -5,7 +5,7 @@ import os
 import re
 import time
 
-from supervisor_mail import status
+from supervisor_mail import state, status
 from supervisor_mail.config import SETTINGS, Config
 from supervisor_mail.state import MASTER_SLOT, PLANNER_SLOT, Heartbeat, Task
 
@@ -37,9 +37,9 @@ def task(id, slot, state, due, acntid=53, emfdid=824, kind="sync_recent", reason
                 queued_at=NOW - 500, started=None)
 
 
-def snapshot() -> status.StateSnapshot:
+def snapshot() -> state.StateSnapshot:
     me = os.getpid()
-    return status.StateSnapshot(
+    return state.StateSnapshot(
         path="/run/supervisor_mail/127.0.0.1.db",
         heartbeats=[
             beat(MASTER_SLOT, "master", me, 0.3),
@@ -194,7 +194,7 @@ def test_render_says_what_it_can_without_the_database():
 def test_snapshot_of_a_missing_file_is_an_error_not_an_exception(tmp_path):
     """Reading a state DB that does not exist creates nothing and reports why."""
     path = tmp_path / "none.db"
-    snap = status.read_snapshot(str(path))
+    snap = state.read_snapshot(str(path))
     assert snap.error and "does not exist" in snap.error
     assert not path.exists()
 

@@ -24,7 +24,7 @@ from install_helpers import copy_source, make, staged_prefix
 from running_engine import Engine, pid_alive, write_config
 
 from supervisor_mail import pidfile
-from supervisor_mail.status import read_snapshot
+from supervisor_mail.state import read_snapshot
 
 AS_ROOT = os.geteuid() == 0
 
