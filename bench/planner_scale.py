@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -68,8 +69,9 @@ def database(admin_dsn: str, label: str) -> Iterator[str]:
     """A fresh migrated database, dropped afterwards."""
     name = f"planner_scale_{os.getpid()}_{label}"
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     dsn = make_conninfo(admin_dsn, dbname=name)
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -77,7 +79,8 @@ def database(admin_dsn: str, label: str) -> Iterator[str]:
         yield dsn
     finally:
         with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))
 
 
 def fill(dsn: str, n_accounts: int, cfg: config.Config, now: float, seed: int = 5) -> None:
@@ -85,20 +88,25 @@ def fill(dsn: str, n_accounts: int, cfg: config.Config, now: float, seed: int = 
     activity, accounts, folders = population(n_accounts, cfg, now, random.Random(seed))
     with psycopg.connect(dsn, autocommit=True) as conn:
         with conn.transaction():
-            copy_rows(conn, "email_user_activity (user_id, last_active)", activity)
-            copy_rows(conn, "email_accounts (acntid, owner_id, email, imap_host, imap_login, "
-                            "imap_auth_error_at, folders_listed_at)", accounts)
+            copy_rows(conn, "email_user_activity", ("user_id", "last_active"), activity)
+            copy_rows(conn, "email_accounts", ("acntid", "owner_id", "email", "imap_host",
+                                               "imap_login", "imap_auth_error_at",
+                                               "folders_listed_at"), accounts)
             conn.execute("SELECT setval('email_accounts_acntid_seq', %s)", (n_accounts,))
-            copy_rows(conn, "email_folders (acntid, server_name, display_name, role, priority, "
-                            "user_priority, last_recent_sync, last_full_sync, last_error_at, "
-                            "gone_at)", folders)
+            copy_rows(conn, "email_folders", ("acntid", "server_name", "display_name", "role",
+                                              "priority", "user_priority", "last_recent_sync",
+                                              "last_full_sync", "last_error_at", "gone_at"),
+                      folders)
         # Production tables have statistics (autovacuum); fresh ones must get them too.
         for table in ("email_accounts", "email_folders", "email_user_activity"):
-            conn.execute(f"VACUUM ANALYZE {table}")
+            conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(table)))
 
 
-def copy_rows(conn: psycopg.Connection, target: str, rows: list[tuple]) -> None:
-    with conn.cursor().copy(f"COPY {target} FROM STDIN") as copy:
+def copy_rows(conn: psycopg.Connection, table: str, columns: tuple[str, ...],
+              rows: list[tuple]) -> None:
+    statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+        sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, columns)))
+    with conn.cursor().copy(statement) as copy:
         for row in rows:
             copy.write_row(row)
 
@@ -111,11 +119,14 @@ def population(n_accounts: int, cfg: config.Config, now: float,
     never; 2 % of the accounts are in auth backoff. Each account has an Inbox (hi)
     and 9 more folders: lo, or hi or off by the user's choice (1 in 10 each); 1 %
     failing, 1 % gone. Hi folders were synced on their owner's schedule, a little
-    late, so those past their interval are due; 1 in 10 lo folders missed the last
+    late, so those past their interval are due; 12 % of the lo folders missed the last
     daily start; a folder list is due again now and then.
     """
     s = cfg.sync
-    ago = lambda seconds: datetime.fromtimestamp(now - seconds, timezone.utc)  # noqa: E731
+
+    def ago(seconds: float) -> datetime:
+        return datetime.fromtimestamp(now - seconds, timezone.utc)
+
     since_lo_start = now - planner.last_daily_start(now, s.lo_sync_start, planner.local_zone())
     activity, accounts, folders = [], [], []
     for acntid in range(1, n_accounts + 1):
@@ -143,7 +154,7 @@ def population(n_accounts: int, cfg: config.Config, now: float,
                 full = ago(rnd.uniform(0, full_every * 1.04))
             else:
                 recent = None
-                missed = rnd.random() < 0.1
+                missed = rnd.random() < 0.12
                 full = ago(since_lo_start + rnd.uniform(1, 86400 * 3) if missed
                            else rnd.uniform(0, since_lo_start))
             folders.append((acntid, name, name, role, priority, user_priority, recent, full,
