@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from supervisor_mail.embedded.engine import Engine
 from supervisor_mail.embedded.imap import Account, ImapServer, available_servers, make_server
 from supervisor_mail.embedded.imap_admin import Mailbox
 from supervisor_mail.embedded.smtp import SmtpSink
@@ -58,3 +59,21 @@ def smtp_sink() -> Iterator[SmtpSink]:
     """A fresh SMTP sink (no AUTH, no TLS) for one test."""
     with SmtpSink() as sink:
         yield sink
+
+
+@pytest.fixture
+def engine_factory(tmp_path, db_dsn):
+    """``engine_factory(**settings)``: a real engine (not yet started) on this test's
+    database; every engine made is stopped at the end and must leave no process behind."""
+    engines: list[Engine] = []
+
+    def make(**changes) -> Engine:
+        root = tmp_path / f"e{len(engines)}"
+        root.mkdir()
+        engines.append(Engine(root, db_dsn, **changes))
+        return engines[-1]
+
+    yield make
+    for engine in engines:
+        engine.__exit__(None, None, None)
+        assert engine.leftovers() == [], "engine processes left behind"

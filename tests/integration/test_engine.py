@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 
-import pytest
 from running_engine import Engine, add_account, duplicates, message, pid_alive, queue, stored
 
 from supervisor_mail.state import PLANNER_SLOT, remove_files
@@ -16,22 +15,6 @@ from supervisor_mail.state import PLANNER_SLOT, remove_files
 LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\]\[#\d+\.(m|p|t\d+)\] \S.*?"
                   r"( \[\d+,(\d+|-)\])?$")
 
-
-@pytest.fixture
-def engine_factory(tmp_path, db_dsn):
-    engines = []
-
-    def make(**changes) -> Engine:
-        root = tmp_path / f"e{len(engines)}"
-        root.mkdir()
-        engine = Engine(root, db_dsn, **changes)
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.__exit__(None, None, None)
-        assert engine.leftovers() == [], "engine processes left behind"
 
 
 def test_mail_flows_with_run_only(engine_factory, db, mailbox, imap_account, smtp_sink):

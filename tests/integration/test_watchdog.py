@@ -11,7 +11,7 @@ import time
 
 import psycopg
 import pytest
-from running_engine import Engine, add_account, duplicates, message, pid_alive, queue, stored
+from running_engine import add_account, duplicates, message, pid_alive, queue, stored
 from stall_proxy import StallProxy
 
 from supervisor_mail import control
@@ -26,19 +26,9 @@ WATCHDOG = {"watchdog__worker_timeout": 4, "watchdog__kill_grace": 1,
 
 
 @pytest.fixture
-def engine_factory(tmp_path, db_dsn):
-    engines = []
-
-    def make(**changes) -> Engine:
-        root = tmp_path / f"e{len(engines)}"
-        root.mkdir()
-        engines.append(Engine(root, db_dsn, **{**WATCHDOG, **changes}))
-        return engines[-1]
-
-    yield make
-    for engine in engines:
-        engine.__exit__(None, None, None)
-        assert engine.leftovers() == [], "engine processes left behind"
+def engine_factory(engine_factory):
+    """Engines with the small watchdog timeouts above."""
+    return lambda **changes: engine_factory(**{**WATCHDOG, **changes})
 
 
 def sent_ids(sink) -> list[str]:
@@ -199,13 +189,19 @@ def feed(db_dsn: str, acntid: int, count: int, every: float, stop: threading.Eve
     return queued
 
 
+def a_big_sync_and_a_sender(db, mailbox, imap_account, smtp_sink) -> tuple[int, int]:
+    """An IMAP account with BIG messages waiting, and an SMTP-only account to send from
+    (no Sent copy to file, so a locked messages table does not slow its deliveries)."""
+    mailbox.append_many("INBOX", [(message(n), None) for n in range(BIG)])
+    return (add_account(db, imap_account),
+            add_account(db, smtp_sink=smtp_sink, email="sender@example.org"))
+
+
 def test_sync_stall_resets_sync_while_sends_flow(engine_factory, db, db_dsn, mailbox,
                                                  imap_account, smtp_sink):
     """With the messages table locked, sync is reset (with backoff) while delivery goes on;
     after the lock is released every message is stored once."""
-    acntid = add_account(db, imap_account)
-    sender = add_account(db, smtp_sink=smtp_sink, email="sender@example.org")
-    mailbox.append_many("INBOX", [(message(n), None) for n in range(BIG)])
+    acntid, sender = a_big_sync_and_a_sender(db, mailbox, imap_account, smtp_sink)
     with engine_factory(database__lock_timeout=2, sync__batch_size=2,
                         watchdog__stall_timeout=8).start() as engine:
         engine.wait_for(lambda: stored(db, acntid) > 0, 60, "the sync to start", step=0.01)
@@ -233,9 +229,7 @@ def test_upgrade_hang_resets_and_resumes(engine_factory, db, db_dsn, mailbox, im
     """A migration locks the engine's tables and alters a column while a large sync and a
     stream of sends run: the watchdog resets and backs off while it holds, then, after the
     release and the schema change, every message is stored once and every send made once."""
-    acntid = add_account(db, imap_account)
-    sender = add_account(db, smtp_sink=smtp_sink, email="sender@example.org")
-    mailbox.append_many("INBOX", [(message(n), None) for n in range(BIG)])
+    acntid, sender = a_big_sync_and_a_sender(db, mailbox, imap_account, smtp_sink)
     with engine_factory(database__lock_timeout=2, sync__batch_size=2,
                         watchdog__stall_timeout=8).start() as engine:
         engine.wait_for(lambda: stored(db, acntid) > 0, 60, "the sync to start", step=0.01)
