@@ -162,9 +162,14 @@ def fetch_batch(session, plan: Plan, cfg: Config) -> list[Fetched]:
         elif status != b"OK" and len(plan.uids) > 1:
             out.extend(fetch_batch(session, Plan((uid,), (size,), plan.headers_only), cfg))
         elif status != b"OK":
-            reason = f"the server could not deliver it: {imap_wire.text(text)}"
-            out.append(Fetched(uid, [], None, size, None, None, headers.Headers(), reason))
+            out.append(undeliverable(uid, size, "the server could not deliver it: "
+                                     + imap_wire.text(text)))
     return out
+
+
+def undeliverable(uid: int, size: int, reason: str) -> Fetched:
+    """The row of a message the server will not send: its UID, size and why, nothing else."""
+    return Fetched(uid, [], None, size, None, None, headers.Headers(), reason)
 
 
 def _fetch(session, plan: Plan, cfg: Config, key: bytes) -> tuple[dict, bytes, bytes]:

@@ -20,24 +20,26 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import psycopg
 import tenacity
 
-from supervisor_mail import accounts, folders, imap_client, imap_wire, messages
+from supervisor_mail import accounts, cluster, folders, imap_client, imap_wire, messages
 from supervisor_mail.config import Config
 from supervisor_mail.errors import (
     AuthError,
     DatabaseError,
+    LeaseLost,
     NetworkError,
     ServerError,
     SupervisorMailError,
     TransientServerError,
 )
-from supervisor_mail.fetching import FolderState, Plan, fetch_batch, plan_batches
+from supervisor_mail.fetching import FolderState, Plan, fetch_batch, plan_batches, undeliverable
 from supervisor_mail.folders import Folder
 from supervisor_mail.logs import where
 from supervisor_mail.reconcile import Reconcile
@@ -82,11 +84,13 @@ class AccountSession:
     starts that backoff, so a locking server sees one attempt per period however
     often a sync is asked for. ``ignore_capabilities`` turns server extensions off
     (for a server whose CONDSTORE is broken, and for tests of the plain path).
+    With a ``fence`` (the engine's sync workers) the session is opened and used only
+    while this host holds the account's lease, and every batch commits under it.
     """
 
     def __init__(self, conn: psycopg.Connection, cfg: Config, acntid: int,
-                 ignore_capabilities: tuple[str, ...] = ()):
-        self.conn, self.cfg, self.acntid = conn, cfg, acntid
+                 ignore_capabilities: tuple[str, ...] = (), fence: cluster.Fence | None = None):
+        self.conn, self.cfg, self.acntid, self.fence = conn, cfg, acntid, fence
         self.ignore = {c.upper().encode() for c in ignore_capabilities}
         self.client = None
         self.capabilities: frozenset[bytes] = frozenset()
@@ -101,6 +105,8 @@ class AccountSession:
     def open(self) -> None:
         if self.client is not None:
             return
+        if self.fence is not None:
+            self.fence.ensure(self.conn)
         account = accounts.get(self.conn, self.acntid)
         self._refuse_in_backoff()
         try:
@@ -112,6 +118,9 @@ class AccountSession:
             raise
         accounts.clear_auth_error(self.conn, self.acntid, "imap")
         self.client = client
+        if self.fence is not None:
+            sock = client.socket()
+            self.fence.attach(lambda: cluster.sever(sock))
         try:
             self._enable_extensions()
         except BaseException:
@@ -152,6 +161,8 @@ class AccountSession:
         the next ``open()`` starts afresh."""
         self.open()
         try:
+            if self.fence is not None:
+                self.fence.ensure(self.conn)  # no IMAP command past the lease's deadline
             return imap_wire.execute(self.client, command, on_response, literal_cap)
         except BaseException:
             self.close()
@@ -159,6 +170,8 @@ class AccountSession:
 
     def close(self) -> None:
         if self.client is not None:
+            if self.fence is not None:
+                self.fence.detach()
             imap_client.close(self.client)
             self.client = None
 
@@ -232,6 +245,8 @@ def sync_folder(conn: psycopg.Connection, session: AccountSession, folder: Folde
     started = time.monotonic()
     try:
         tenacity.Retrying(**NETWORK_RETRY)(job.attempt)
+    except LeaseLost:
+        raise  # not the folder's fault: no folder error, the new holder syncs it at once
     except SupervisorMailError as exc:
         log.error("%s of %s failed: %s", job.kind.value, folder.display_name, exc,
                   extra=job.where)
@@ -267,6 +282,8 @@ def _log_result(folder: Folder, result: SyncResult, extra: dict) -> None:
 
 @dataclass
 class _FolderSync:
+    """One folder's sync; ``attempt`` runs once for each try of ``NETWORK_RETRY``."""
+
     conn: psycopg.Connection
     session: AccountSession
     folder: Folder
@@ -278,7 +295,11 @@ class _FolderSync:
     result: SyncResult = None
     progress: Progress = field(default_factory=Progress)
     attempts: int = 0
+    fetched: int = 0  # messages fetched, committed or not
     cursor_before: int | None = None  # last_uid when the sync started: older UIDs reconcile
+    suspects: set[int] = field(default_factory=set)  # UIDs being fetched when a connection broke
+    state: FolderState | None = None  # what the last EXAMINE said
+    has_retired: bool = False  # rows of a replaced UIDVALIDITY wait for their messages
 
     def __post_init__(self) -> None:
         self.result = SyncResult(self.folder.emfdid, self.kind)
@@ -292,7 +313,7 @@ class _FolderSync:
         self.beat("connect", self.progress.messages_done)
         self.session.open()
         self.beat("examine", self.progress.messages_done)
-        state = self._examine()
+        state = self.state = self._examine()
         if state is None:
             folders.mark_gone(self.conn, self.folder.emfdid)
             self.result.gone = True
@@ -361,13 +382,39 @@ class _FolderSync:
         self.progress.bytes_total = self.progress.bytes_done + sum(sizes.values())
         self.on_progress(self.progress)
         with _Writer(self, state.uidvalidity) as writer:
-            for plan in plans:
+            for plan in self._careful(plans):
                 if self.should_stop():
                     self.result.stopped = True
                     break
-                batch = fetch_batch(self.session, plan, self.cfg)
-                self.beat("fetch", self.progress.messages_done + len(batch))
+                batch = self._fetch(plan)
+                self.fetched += len(batch)
+                self.beat("fetch", self.fetched)
                 writer.submit(plan, batch)
+
+    def _careful(self, plans: list[Plan]) -> Iterator[Plan]:
+        """The plans, except that a batch during which the connection was lost before is
+        fetched one message at a time, to find the message the server cannot send."""
+        for plan in plans:
+            if len(plan.uids) > 1 and self.suspects.intersection(plan.uids):
+                for uid, size in zip(plan.uids, plan.sizes, strict=True):
+                    yield Plan((uid,), (size,), plan.headers_only)
+            else:
+                yield plan
+
+    def _fetch(self, plan: Plan) -> list[messages.Fetched]:
+        try:
+            return fetch_batch(self.session, plan, self.cfg)
+        except NetworkError as exc:
+            if len(plan.uids) > 1 or plan.uids[0] not in self.suspects:
+                self.suspects.update(plan.uids)
+                raise
+            reason = f"the server dropped the connection instead of sending it: {exc}"
+        # Lost in its batch and lost again alone (Dovecot answers an unreadable message
+        # with BYE): recorded with the reason, and the folder goes on on a new connection.
+        state = self._examine()
+        if state is None or state.uidvalidity != self.state.uidvalidity:
+            raise NetworkError(f"{self.folder.display_name} changed while reconnecting")
+        return [undeliverable(plan.uids[0], plan.sizes[0], reason)]
 
     def stored(self, plan: Plan, batch: list[messages.Fetched]) -> None:
         """Called in this thread once a batch is committed."""
@@ -409,7 +456,8 @@ class _Writer:
     def submit(self, plan: Plan, batch: list[messages.Fetched]) -> None:
         self.collect()
         future = self.pool.submit(store_batch, self.job.conn, self.job.folder.emfdid,
-                                  self.uidvalidity, plan.last_uid, batch, self.job.has_retired)
+                                  self.uidvalidity, plan.last_uid, batch, self.job.has_retired,
+                                  self.job.session.fence)
         self.pending = (plan, batch, future)
 
     def collect(self) -> None:
@@ -426,14 +474,20 @@ class _Writer:
 
 
 def store_batch(conn: psycopg.Connection, emfdid: int, uidvalidity: int, last_uid: int,
-                batch: list[messages.Fetched], has_retired: bool) -> list[messages.Fetched]:
+                batch: list[messages.Fetched], has_retired: bool,
+                fence: cluster.Fence | None = None) -> list[messages.Fetched]:
     """Store a batch and advance the cursor to ``last_uid`` in one transaction.
 
     The cursor row is locked first and only UIDs above it are written, so a batch
     replayed after a crash, or written twice by two processes, is stored once.
-    Returns the messages actually written.
+    With a ``fence`` the transaction ends by checking that this host still holds the
+    account's lease under the fence's generation (else LeaseLost, and nothing is
+    written) and records the batch with its host and generation. Returns the messages
+    actually written.
     """
-    with conn.transaction():
+    with fence.committing() if fence is not None else nullcontext(), conn.transaction():
+        if fence is not None:
+            fence.bound_stall(conn)
         # Not waiting for the WAL flush loses nothing: a batch lost with a PostgreSQL
         # crash is lost with its cursor advance (one transaction), so it is fetched
         # again from the server, which still has it.
@@ -446,6 +500,9 @@ def store_batch(conn: psycopg.Connection, emfdid: int, uidvalidity: int, last_ui
         rest = messages.adopt_retired(conn, emfdid, uidvalidity, fresh) if has_retired else fresh
         messages.copy_new(conn, emfdid, uidvalidity, rest)
         folders.advance(conn, emfdid, last_uid)
+        if fence is not None:
+            fence.hold(conn, f"batch of {len(batch)} messages for folder {emfdid}")
+            fence.record(conn, emfdid, last_uid, len(fresh))
     return fresh
 
 

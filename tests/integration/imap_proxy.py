@@ -10,8 +10,10 @@ import socket
 import threading
 
 from supervisor_mail.embedded.imap import LOOPBACK
+from supervisor_mail.fetching import parse_uid_set
 
 _LOGIN = re.compile(rb"^(\S+) LOGIN ", re.IGNORECASE)
+_BODY_FETCH = re.compile(rb"^\S+ UID FETCH ([\d:,]+) .*BODY\.PEEK\[\]", re.IGNORECASE)
 
 
 class ImapProxy:
@@ -21,7 +23,9 @@ class ImapProxy:
     from the server (later ones pass). ``refuse_login``: a LOGIN gets this answer
     (``b"NO [LIMIT] ..."``) instead of reaching the server, or, when it starts
     with ``b"* BYE"``, this line and a closed connection. ``rewrite``: applied to
-    what the server sends (to garble a response). All three may change while it runs.
+    what the server sends (to garble a response). ``drop_fetch_of``: a UID whose
+    body a FETCH asks for gets ``* BYE`` and a closed connection instead, as Dovecot
+    answers for a message file it cannot read. All may change while it runs.
     """
 
     def __init__(self, host: str, port: int, *, cut_after: int | None = None, cuts: int = 1,
@@ -30,6 +34,7 @@ class ImapProxy:
         self.cut_after, self.cuts_left = cut_after, cuts
         self.refuse_login = refuse_login
         self.rewrite = None
+        self.drop_fetch_of: int | None = None
         self.connections = 0
         self.cuts_done = 0
         self.logins_refused = 0
@@ -86,11 +91,18 @@ class ImapProxy:
                         break
                     client.sendall(match[1] + b" " + self.refuse_login + b"\r\n")
                     continue
+                if self._drops(line):
+                    client.sendall(b"* BYE FETCH failed: Internal error occurred.\r\n")
+                    break
                 server.sendall(line)
         except OSError:
             pass
         _close(client)
         _close(server)
+
+    def _drops(self, line: bytes) -> bool:
+        match = _BODY_FETCH.match(line) if self.drop_fetch_of is not None else None
+        return bool(match) and self.drop_fetch_of in parse_uid_set(match[1])
 
     def _from_server(self, server: socket.socket, client: socket.socket, cut: int | None) -> None:
         sent = 0

@@ -4,6 +4,8 @@ mailboxes, folder discovery, oversize messages and the log lines."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from sync_helpers import (
     FIRST_SERVER,
@@ -16,8 +18,9 @@ from sync_helpers import (
     stored,
 )
 
-from supervisor_mail import folders
+from supervisor_mail import folders, store
 from supervisor_mail.embedded.imap_admin import fill_mailbox, sample_message
+from supervisor_mail.imap_sync import AccountSession, discover_folders, sync_folder
 from supervisor_mail.states import Role, TaskKind
 
 FULL, RECENT = TaskKind.SYNC_FULL, TaskKind.SYNC_RECENT
@@ -219,3 +222,26 @@ def test_each_sync_logs_in_the_old_format(mailbox, imap_account, db, cfg):
     assert sync_log[0].endswith(f"] received 3 new messages in 0s [{acntid},{emfdid}]")
     assert sync_log[1].endswith(f"] flags changed on 0 messages, 0 expunged [{acntid},{emfdid}]")
     assert sync_log[0].startswith("[") and "][#" in sync_log[0] and ".t1] " in sync_log[0]
+
+
+def test_a_stop_between_batches_keeps_what_was_stored(mailbox, imap_account, db, make_cfg,
+                                                      db_dsn):
+    """should_stop() is asked between batches: the sync leaves once the batches in hand
+    are committed, beats only from the caller's thread, and the next sync finishes."""
+    fill_mailbox(mailbox, "INBOX", 7)
+    acntid = add_account(db, imap_account)
+    cfg = make_cfg(db_dsn, sync__batch_size=3)
+    beats: list[tuple[str, int, int]] = []
+    with store.connect(cfg, "test") as conn, AccountSession(conn, cfg, acntid) as session:
+        inbox = folders.find(discover_folders(conn, session), "INBOX")
+        result = sync_folder(conn, session, inbox, RECENT, cfg,
+                             beat=lambda phase, n: beats.append((phase, n,
+                                                                threading.get_ident())),
+                             should_stop=lambda: any(b[0] == "commit" for b in beats))
+    assert result.stopped and result.new == 6  # the batch fetched meanwhile is stored too
+    assert {ident for _, _, ident in beats} == {threading.get_ident()}
+    assert [b[:2] for b in beats if b[0] in ("fetch", "commit")] == \
+        [("fetch", 3), ("fetch", 6), ("commit", 3), ("commit", 6)]
+    stopped = folder_of(db, acntid, "INBOX")
+    assert stopped.last_recent_sync is None and len(stored(db, stopped.emfdid)) == 6
+    assert run_sync(cfg, acntid).new == 1

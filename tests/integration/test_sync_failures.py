@@ -186,3 +186,47 @@ def test_starttls_verifies_the_certificate(imap_server, db, make_cfg, db_dsn):
         assert tls_server.login_attempts(account.login) == logins
         trusted = make_cfg(db_dsn, engine__tls_ca_file=str(tls_server.ca_pem_path))
         assert run_sync(trusted, acntid).new == 2
+
+
+def _unreadable_on_dovecot(imap_account, uid):
+    """Make the message's file unreadable to Dovecot (it reads mail as nobody)."""
+    maildir = imap_account.server.directory / "mail" / imap_account.login
+    uidlist = (maildir / "dovecot-uidlist").read_text().splitlines()[1:]
+    base = next(line.split(":", 1)[1] for line in uidlist if line.split()[0] == str(uid))
+    for path in maildir.glob(f"*/{base}*"):
+        path.chmod(0)
+
+
+# The real server's own failure where it can be provoked (Dovecot cannot read a file:
+# BYE mid-FETCH); on any server, the same answer from a proxy when that UID is asked for.
+BREAKAGES = ["proxy-bye"] + (["unreadable-file"] if FIRST_SERVER == "dovecot" else [])
+
+
+@pytest.mark.parametrize("imap_server", [FIRST_SERVER], indirect=True)
+@pytest.mark.parametrize("breakage", BREAKAGES)
+def test_message_the_server_cannot_send_is_recorded_and_the_folder_goes_on(
+        mailbox, imap_account, db, make_cfg, db_dsn, breakage):
+    """A message whose FETCH makes the server drop the connection, batch after batch,
+    is found by fetching its batch one by one and stored as a row with the reason; the
+    other messages are stored and the cursor passes it."""
+    uids = fill_mailbox(mailbox, "INBOX", 8)
+    reference = on_server(mailbox, "INBOX")  # before the file breaks
+    victim = uids[4]
+    with ImapProxy(imap_account.server.host, imap_account.server.port) as proxy:
+        if breakage == "proxy-bye":
+            proxy.drop_fetch_of = victim
+        else:
+            _unreadable_on_dovecot(imap_account, victim)
+        acntid = add_account(db, imap_account, host=proxy.host, port=proxy.port)
+        with captured_log() as lines:
+            result = run_sync(make_cfg(db_dsn, sync__batch_size=3), acntid)
+    assert (result.new, result.skipped) == (8, 1)
+    inbox = folder_of(db, acntid, "INBOX")
+    assert inbox.last_uid == max(uids) and inbox.last_error is None
+    row = db.execute("SELECT raw, skipped_reason FROM email_messages WHERE uid = %s",
+                     (victim,)).fetchone()
+    assert row[0] is None and "the server dropped the connection" in row[1]
+    assert any(f"message UID {victim} stored without its body" in line for line in lines)
+    del reference[victim]
+    assert digests({u: r for u, r in stored(db, inbox.emfdid).items() if r}) == \
+        digests(reference)
