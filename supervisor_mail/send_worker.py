@@ -43,6 +43,7 @@ log = logging.getLogger("supervisor_mail.outbox")
 
 WAIT_SLICE = 1.0      # seconds; longest wait on LISTEN between beats and stop checks
 SESSION_IDLE = 10.0   # seconds an unused SMTP or IMAP session is kept open
+HANDOFF = 0.05        # seconds a new row waits for its own worker before the others look
 
 
 class SendWorker:
@@ -76,26 +77,47 @@ class SendWorker:
             self.listener.close()
 
     def loop(self) -> None:
-        woken, last_poll = True, 0.0
+        poll = self.cfg.outbox.poll_interval
+        claim, last_poll = True, 0.0
         while not self.should_stop():
-            if woken or time.monotonic() - last_poll >= self.cfg.outbox.poll_interval:
+            if claim or time.monotonic() - last_poll >= poll:
                 last_poll = time.monotonic()
                 self.drain()
             self.beat("idle", self.handled)
             if time.monotonic() - self._last_used > SESSION_IDLE:
                 self.close_sessions()
-            woken = self.wait(min(WAIT_SLICE, self.cfg.outbox.poll_interval))
+            claim = self.wait(min(WAIT_SLICE, max(poll - (time.monotonic() - last_poll), 0)))
 
     def wait(self, timeout: float) -> bool:
-        """True when a NOTIFY came. The generator is left before any query (it holds the
-        connection: a query inside it would deadlock)."""
+        """Wait on LISTEN up to ``timeout``; True when it is time to claim.
+
+        A NOTIFY for a new row reaches every send worker. The row's own worker
+        (``emobid`` modulo the send slots) claims at once; the others keep waiting
+        and claim ``HANDOFF`` later (the row is gone by then unless its worker is
+        busy or missing), so a message costs one claim query and one beat, not one
+        a worker. The generator is left before any query: it holds the connection,
+        and a query inside it would deadlock.
+        """
         if not self.cfg.outbox.enabled:
             time.sleep(timeout)
             return False
-        woken = False
-        for _ in self.listener.notifies(timeout=timeout, stop_after=1):
-            woken = True
-        return woken
+        claim_at, deadline = float("inf"), time.monotonic() + timeout
+        while True:
+            left = min(deadline, claim_at) - time.monotonic()
+            if left <= 0:
+                return claim_at <= time.monotonic()
+            mine = False
+            for notify in self.listener.notifies(timeout=left, stop_after=1):
+                mine = self.owns(notify.payload)
+                claim_at = min(claim_at, time.monotonic() + HANDOFF)
+            if mine:
+                return True
+
+    def owns(self, payload: str) -> bool:
+        if not payload.isdigit():
+            return True  # an account re-armed, or an unknown sender: everyone looks
+        slots = self.cfg.engine.send_workers
+        return int(payload) % slots == (self.slot - self.cfg.sync_workers) % slots
 
     def drain(self) -> None:
         """Claim and deliver due rows one at a time until none is left or a stop is asked."""
@@ -143,13 +165,35 @@ class SendWorker:
         except ServerError as exc:  # network, TLS required, certificate, "try later"
             self.defer(row, out, str(exc), None)
         else:
-            outbox.mark_sent(self.conn, row.emobid, delivery.reply, delivery.refused)
+            try:
+                outbox.mark_sent(self.conn, row.emobid, delivery.reply, delivery.refused)
+            except psycopg.Error as exc:
+                self.unrecorded(row, account, out, exc)
+                return
             self.log_sent(row, out, delivery, time.monotonic() - started)
             metrics.count_send(self.statedb, "sent", time.monotonic() - started)
             if account.smtp_auth_error_at is not None:
                 accounts.clear_auth_error(self.conn, account.acntid, "smtp")
             if account.has_imap:
                 self.file(row, account, out)
+
+    def unrecorded(self, row: outbox.Claimed, account: Account, out: Outgoing,
+                   exc: psycopg.Error) -> None:
+        """The server took the message but PostgreSQL did not take 'sent'. The row stays
+        SENDING, so no deferral can send it again; the copy goes to Sent all the same, and
+        whoever takes the expired claim finds it there and marks it sent."""
+        log.error("sent message %s but could not record it (%s); it is marked sent when its "
+                  "claim expires and the Sent folder shows it", out.message_id,
+                  " ".join(str(exc).split()), extra=where(row.acntid))
+        if account.has_imap:
+            try:
+                self.sent_session(account).append(out)
+            except ServerError as imap_exc:
+                self.close_sent_folder()
+                log.error("could not file %s in Sent either (%s): it will be sent again",
+                          out.message_id, imap_exc, extra=where(row.acntid))
+        if self.conn.broken:
+            raise exc  # the session is gone: the engine reconnects this worker
 
     def parts(self, row: outbox.Claimed, account: Account) -> Parts:
         return Parts(
@@ -233,9 +277,10 @@ class SendWorker:
             return False
         if filed is None:
             return False
-        outbox.mark_sent(self.conn, row.emobid,
-                         "not sent again: found in the Sent folder after an interrupted delivery")
-        outbox.mark_filed(self.conn, row.emobid, *record(self.conn, account.acntid, filed))
+        with self.conn.transaction():
+            outbox.mark_sent(self.conn, row.emobid, "not sent again: found in the Sent folder "
+                                                    "after an interrupted delivery")
+            outbox.mark_filed(self.conn, row.emobid, *record(self.conn, account.acntid, filed))
         log.info("message %s of an interrupted delivery is in Sent: marked sent, not resent",
                  out.message_id, extra=where(row.acntid))
         return True

@@ -81,7 +81,14 @@ def _ehlo_name() -> str:
 
 def tls_context(cfg: Config) -> ssl.SSLContext:
     """Verification on: ``engine.tls_ca_file`` when set, else the system's trust store."""
-    return ssl.create_default_context(cafile=cfg.engine.tls_ca_file)
+    return _context(cfg.engine.tls_ca_file)
+
+
+@functools.lru_cache(maxsize=4)
+def _context(cafile: str | None) -> ssl.SSLContext:
+    """One context a process and CA file: loading a trust store takes about 20 ms, which
+    would otherwise be paid again by every new session (a reload starts new workers)."""
+    return ssl.create_default_context(cafile=cafile)
 
 
 def settings_key(account: Account) -> tuple:
@@ -101,7 +108,7 @@ class Session:
         security = Security(account.smtp_security)
         port = account.smtp_port or DEFAULT_PORTS[("smtp", security)]
         self.where = f"SMTP server {account.smtp_host}:{port}"
-        context = tls_context(cfg)
+        context = tls_context(cfg) if security is not Security.PLAIN else None
         timeout = cfg.outbox.socket_timeout
         try:
             if security is Security.TLS:
@@ -130,7 +137,7 @@ class Session:
             if not 200 <= code <= 299:
                 raise _refused(self.where, "EHLO", code, message)
 
-    def _starttls(self, context: ssl.SSLContext) -> None:
+    def _starttls(self, context: ssl.SSLContext | None) -> None:
         if not self.smtp.has_extn("starttls"):
             raise TLSRequiredError(
                 f"{self.where} does not offer STARTTLS, which the account requires: fix the "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -101,6 +102,17 @@ def info_log(cfg: Config) -> str:
     """Every line the workers wrote to the info logs."""
     directory = Path(cfg.engine.log_dir)
     return "".join(p.read_text() for p in sorted(directory.glob("*" + logs.INFO_SUFFIX)))
+
+
+def wait_log(cfg: Config, pattern: str, timeout: float = 5.0) -> re.Match:
+    """The first match of ``pattern`` in the info logs, once a worker wrote it (a line comes
+    just after the row's new state is committed)."""
+    deadline = time.monotonic() + timeout
+    while not (match := re.search(pattern, info_log(cfg))):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no log line matches {pattern!r}:\n{info_log(cfg)}")
+        time.sleep(0.02)
+    return match
 
 
 def message_ids(sink) -> list[str]:

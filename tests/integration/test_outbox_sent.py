@@ -3,10 +3,11 @@ filed with \\Seen, linked, never stored twice by the sync, never a cause to send
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
-from outbox_helpers import Workers, info_log, message_ids, row, smtp_account, wait_state
+from outbox_helpers import Workers, message_ids, row, smtp_account, wait_log, wait_state
 
 from supervisor_mail import accounts, outbox
 from supervisor_mail.compose import Parts, compose
@@ -127,7 +128,7 @@ def test_a_failure_to_file_never_sends_again(db, cfg, smtp_sink, workers):
     time.sleep(1.5)  # a poll later
     assert row(db, emobid)["state"] == "sent" and row(db, emobid)["sent_uid"] is None
     assert message_ids(smtp_sink) == [sent["message_id"]]
-    assert f"sent message {sent['message_id']} but could not file it in Sent" in info_log(cfg)
+    wait_log(cfg, re.escape(f"sent message {sent['message_id']} but could not file it in Sent"))
 
 
 def stale_claim(db, emobid: int) -> None:
@@ -153,7 +154,7 @@ def test_crashed_claim_found_in_sent_is_not_resent(db, cfg, smtp_sink, imap_acco
     assert done["sent_uid"] == uid and done["sent_emfdid"] is not None
     time.sleep(0.5)
     assert smtp_sink.messages == [] and mailbox.uids("Sent") == [uid]
-    assert "is in Sent: marked sent, not resent" in info_log(cfg)
+    wait_log(cfg, "is in Sent: marked sent, not resent")
 
 
 def test_crashed_claim_not_in_sent_is_resent_with_its_message_id(
@@ -185,3 +186,31 @@ def test_without_uidplus_the_copy_is_found_by_message_id(db, cfg, imap_account, 
     finally:
         folder.close()
     assert uid == filed.uid and local_copies(db, out.message_id) == [(emfdid, uid, ["\\Seen"])]
+
+
+def test_sent_but_not_recorded_is_found_in_sent_not_resent(db, make_cfg, db_dsn, smtp_sink,
+                                                           imap_account, mailbox, workers):
+    """PostgreSQL refuses 'sent' after the server's 250: the row stays sending, the copy is
+    filed anyway, and once the claim expires the message is marked sent, not sent again."""
+    cfg = make_cfg(db_dsn, outbox__claim_timeout=2, outbox__poll_interval=1,
+                   outbox__socket_timeout=5, sync__socket_timeout=5)
+    mailbox.create_folder("Sent")
+    acntid = both_account(db, smtp_sink, imap_account)
+    db.execute("CREATE FUNCTION refuse_sent() RETURNS trigger LANGUAGE plpgsql AS "
+               "$$ BEGIN RAISE EXCEPTION 'could not extend file (test)'; END $$")
+    db.execute("CREATE TRIGGER refuse_sent BEFORE UPDATE ON email_outbox FOR EACH ROW "
+               "WHEN (NEW.state = 'sent') EXECUTE FUNCTION refuse_sent()")
+    workers.start(cfg)
+    emobid = outbox.queue(db, acntid, to_addrs=["a@example.com"], subject="unrecorded")
+    smtp_sink.wait_for(1)
+    deadline = time.monotonic() + 10
+    while not mailbox.uids("Sent"):
+        assert time.monotonic() < deadline, "the copy was not filed"
+        time.sleep(0.05)
+    assert row(db, emobid)["state"] == "sending"
+    wait_log(cfg, "but could not record it .*could not extend file")
+    db.execute("DROP TRIGGER refuse_sent ON email_outbox")
+    done = wait_state(db, emobid, "sent", timeout=10)
+    assert done["smtp_reply"].startswith("not sent again: found in the Sent folder")
+    time.sleep(0.3)
+    assert len(smtp_sink.messages) == 1 and len(mailbox.uids("Sent")) == 1
