@@ -41,8 +41,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import psycopg
 from psycopg import sql
 
-from supervisor_mail import store
-from supervisor_mail.config import Config
+from supervisor_mail import cluster, store
+from supervisor_mail.config import BY_NAME, Config
 from supervisor_mail.errors import DatabaseError, StateError
 from supervisor_mail.state import NewTask, StateDB
 from supervisor_mail.states import Priority, TaskKind
@@ -65,6 +65,7 @@ ERROR_RETRY = 120
 
 SLEEP_STEP = 0.2  # seconds; the idle loop beats and checks for a stop this often
 SCHEMA_FACT = "schema_fingerprint"  # the state DB `engine` key the watchdog compares
+DEFAULT_HOST = BY_NAME["engine.host_id"].default  # whose leases a bare candidates query reads
 
 
 # --- the state the decision is made from -------------------------------------------------
@@ -96,6 +97,7 @@ class FolderState:
 
     @property
     def effective_priority(self) -> str:
+        """The user's choice when there is one, else the role's."""
         return self.user_priority or self.priority
 
 
@@ -117,6 +119,7 @@ class Cutoffs:
 
     @classmethod
     def at(cls, cfg: Config, now: float, tz: tzinfo) -> Cutoffs:
+        """The cutoffs at ``now``, the daily start taken in ``tz``."""
         s = cfg.sync
         return cls(now=now,
                    active_since=now - s.logged_in_window,
@@ -164,6 +167,7 @@ def last_daily_start(now: float, at: time_of_day, tz: tzinfo) -> float:
 
 
 def _wall(instant: float, tz: tzinfo) -> datetime:
+    """The local wall-clock time of an instant, naive."""
     return datetime.fromtimestamp(instant, tz).replace(tzinfo=None)
 
 
@@ -214,16 +218,19 @@ def due_tasks(accounts: Iterable[AccountState], folders: Iterable[FolderState], 
 
 
 def _in_backoff(failed_at: float | None, until: float) -> bool:
+    """True when a failure happened after ``until``: its backoff is still running."""
     return failed_at is not None and failed_at > until
 
 
 def _discovery_due(account: AccountState, cut: Cutoffs) -> bool:
+    """Never listed, or listed hi_full_interval ago, and no account failure just now."""
     if _in_backoff(account.last_error_at, cut.error_until):
         return False
     return account.folders_listed_at is None or account.folders_listed_at <= cut.listed
 
 
 def _discovery(account: AccountState, cut: Cutoffs, cfg: Config) -> NewTask:
+    """The account-wide task (emfdid 0) that lists its folders."""
     due = _became_due(account.folders_listed_at, cfg.sync.hi_full_interval, cut.now)
     priority = HI_RECENT if account.folders_listed_at is None else DISCOVER
     return NewTask(TaskKind.DISCOVER, account.acntid, 0, "", priority, due)
@@ -243,10 +250,12 @@ def _folder_task(folder: FolderState, account: AccountState, cut: Cutoffs,
 
 
 def _logged_in(account: AccountState, cut: Cutoffs) -> bool:
+    """The owner was active within sync.logged_in_window (no owner: not logged in)."""
     return account.owner_active_at is not None and account.owner_active_at >= cut.active_since
 
 
 def _hi_task(folder: FolderState, logged_in: bool, cut: Cutoffs, cfg: Config) -> NewTask | None:
+    """A full sync when one is due (or never ran), else a recent sync when one is due."""
     s = cfg.sync
     full_cut, full_every = ((cut.full_li, s.hi_full_interval) if logged_in
                             else (cut.full_nl, s.hi_full_interval_nl))
@@ -266,40 +275,45 @@ def _hi_task(folder: FolderState, logged_in: bool, cut: Cutoffs, cfg: Config) ->
 
 
 def _lo_task(folder: FolderState, cut: Cutoffs) -> NewTask | None:
+    """A full sync when the last one is older than the most recent daily start."""
     if folder.last_full_sync is not None and folder.last_full_sync >= cut.lo_start:
         return None
     return _task(TaskKind.SYNC_FULL, folder, LO_FULL, cut.lo_start)
 
 
 def _became_due(last: float | None, every: int, now: float) -> float:
+    """When a task repeated ``every`` seconds became due; never done: now."""
     return now if last is None else min(now, last + every)
 
 
 def _task(kind: TaskKind, folder: FolderState, priority: int, due: float) -> NewTask:
+    """A folder's task."""
     return NewTask(kind, folder.acntid, folder.emfdid, folder.name, priority, due)
 
 
 # --- reading the state from PostgreSQL ------------------------------------------------------
 
-def accounts_mine() -> sql.Composable:
-    """The condition, on ``email_accounts a``, for the accounts this host plans for.
-
-    Today every enabled account with an IMAP server. The scale-out issue (#8) makes
-    it "the accounts this host holds a lease on"; this is the one place that says it.
+def accounts_mine(host_id: str = DEFAULT_HOST) -> sql.Composable:
+    """The condition, on ``email_accounts a``, for the accounts this host plans for: the
+    enabled accounts with an IMAP server on which it holds a live lease it is not
+    giving up (supervisor_mail.cluster). This is the one place that says it; alone on
+    its database a host holds every lease.
     """
-    return sql.SQL("a.enabled AND coalesce(a.imap_host, '') <> ''")
+    return sql.SQL(cluster.ELIGIBLE + " AND EXISTS (SELECT FROM email_account_leases l"
+                   " WHERE l.acntid = a.acntid AND l.host_id = {host} AND NOT l.releasing"
+                   " AND l.expires_at > now())").format(host=sql.Literal(host_id))
 
 
-# The candidates, in three branches that each return rows already due, at most
+# The candidates, in three branches that each return only rows already due, at most
 # %(limit)s of them, in the order StateDB.enqueue fills the slices (priority, then due):
-# the hi folders, the lo folders, and the accounts whose folder list is due. Slices take
-# at most sync_workers x max_tasks_per_worker tasks, so rows beyond that could not be
-# queued anyway, and a backlog (every lo folder at lo_sync_start, every folder after an
-# outage) costs the pass no more than a normal minute. Of those rows some are queued
-# already; the rest still fill whatever room the slices have, as the limit covers them
-# all. The filters are due_tasks's rules with the same cutoffs, exact rather than
-# approximate, so that no false candidate takes a place under the limit; due_tasks
-# still decides, and a test holds the two to the same answer.
+# the hi folders, the lo folders, and the accounts whose folder list is due. The slices
+# hold at most sync_workers x max_tasks_per_worker tasks (the limit), so more rows could
+# not be queued anyway; a backlog (every lo folder at lo_sync_start, everything after an
+# outage) then costs the server a sort, not the planner a longer pass. Some of the rows
+# are queued already, but the rest still cover whatever room the slices have left. The
+# filters are due_tasks's rules on the same cutoffs, exact rather than approximate, so no
+# row that is not due takes a place under the limit; due_tasks still decides, and a test
+# holds the two to the same answer.
 _FOLDER_COLUMNS = """f.emfdid, f.display_name, f.priority, f.user_priority, f.last_recent_sync,
            f.last_full_sync, f.last_error_at, f.gone_at"""
 _CANDIDATES = f"""
@@ -356,9 +370,9 @@ FROM (
 """
 
 
-def candidates_query() -> sql.Composed:
-    """The planner's one SELECT (the benchmark times it bare, too)."""
-    return sql.SQL(_CANDIDATES).format(mine=accounts_mine())
+def candidates_query(host_id: str = DEFAULT_HOST) -> sql.Composed:
+    """The planner's one SELECT of candidates (the benchmark times it bare, too)."""
+    return sql.SQL(_CANDIDATES).format(mine=accounts_mine(host_id))
 
 
 def candidates_params(cut: Cutoffs, limit: int | None) -> dict[str, object]:
@@ -372,13 +386,13 @@ def candidates_params(cut: Cutoffs, limit: int | None) -> dict[str, object]:
     return params
 
 
-def read_candidates(conn: psycopg.Connection, cut: Cutoffs,
-                    limit: int | None) -> tuple[list[AccountState], list[FolderState]]:
+def read_candidates(conn: psycopg.Connection, cut: Cutoffs, limit: int | None,
+                    host_id: str = DEFAULT_HOST) -> tuple[list[AccountState], list[FolderState]]:
     """The accounts and folders due at ``cut.now`` (``limit`` of each kind), in one query.
 
     Not prepared: the best plan depends on the cutoffs' values, so it is made for them.
     """
-    rows = conn.execute(candidates_query(), candidates_params(cut, limit),
+    rows = conn.execute(candidates_query(host_id), candidates_params(cut, limit),
                         prepare=False).fetchall()
     accounts: dict[int, AccountState] = {}
     folders = []
@@ -403,6 +417,7 @@ class PassResult:
     added: int        # of those, newly put into a slice; the rest were queued already,
                       # or their slice was full and they wait for a later pass
     seconds: float    # the pass's duration
+    standing: cluster.Standing | None = None  # this host's leases after the pass
 
 
 Beat = Callable[[str, int | None], None]  # (phase, progress): the process's heartbeat
@@ -410,12 +425,15 @@ Beat = Callable[[str, int | None], None]  # (phase, progress): the process's hea
 
 def plan_once(conn: psycopg.Connection, statedb: StateDB, cfg: Config,
               now: float | None = None, tz: tzinfo | None = None,
-              beat: Beat | None = None) -> PassResult:
-    """One planning pass: fingerprint, read, decide, enqueue.
+              beat: Beat | None = None, member: cluster.Member | None = None) -> PassResult:
+    """One planning pass: fingerprint, the cluster's part (``cluster.take_part``: this
+    host's registration and leases, as ``member``, by default this process), read,
+    decide, enqueue.
 
-    A fixed number of statements whatever the number of accounts: the fingerprint's
-    and one SELECT. The fingerprint comes first so that an upgrade which breaks the
-    SELECT is still reported to the watchdog.
+    A fixed number of statements whatever the number of accounts: the fingerprint's,
+    the cluster's and one SELECT. The fingerprint comes first so that an upgrade which
+    breaks the rest is still reported to the watchdog. Raises HostConflictError when
+    another live engine holds this host_id.
     """
     started = time.monotonic()
     now = time.time() if now is None else now
@@ -424,12 +442,16 @@ def plan_once(conn: psycopg.Connection, statedb: StateDB, cfg: Config,
     fingerprint = store.fingerprint(conn)
     statedb.set_fact(SCHEMA_FACT, fingerprint)
 
+    member = cluster.Member.of(cfg) if member is None else member
+    standing = cluster.take_part(conn, member, busy={t.acntid for t in statedb.tasks()})
+
     slots = list(range(cfg.sync_workers))
     capacity = len(slots) * cfg.engine.max_tasks_per_worker
     accounts: list[AccountState] = []
     folders: list[FolderState] = []
     if cfg.sync.enabled:  # due_tasks would return nothing: spare the database the read
-        accounts, folders = read_candidates(conn, Cutoffs.at(cfg, now, tz), capacity)
+        accounts, folders = read_candidates(conn, Cutoffs.at(cfg, now, tz), capacity,
+                                            member.host_id)
 
     tasks = due_tasks(accounts, folders, cfg, now, tz)
     if beat is not None:
@@ -437,20 +459,24 @@ def plan_once(conn: psycopg.Connection, statedb: StateDB, cfg: Config,
 
     added = statedb.enqueue(tasks, slots=slots, max_per_slot=cfg.engine.max_tasks_per_worker)
     return PassResult(fingerprint, len(accounts), len(folders), len(tasks), added,
-                      time.monotonic() - started)
+                      time.monotonic() - started, standing)
 
 
 def run_planner(cfg: Config, beat: Beat, should_stop: Callable[[], bool],
-                on_connect: Callable[[int | None], None] | None = None) -> None:
+                on_connect: Callable[[int | None], None] | None = None,
+                master_pid: int | None = None) -> None:
     """The planner process's loop, run after the fork until ``should_stop()``.
 
     Opens its own PostgreSQL session and state DB, runs a pass every
     ``planner.interval`` seconds and beats on every turn of the loop, idle included.
     A database error is logged (once while it lasts) and the pass retried at the
     next interval on a new session. ``on_connect`` receives the session's backend pid
-    (None once it is closed), for the heartbeat row's ``backend_pid``.
+    (None once it is closed), for the heartbeat row's ``backend_pid``. The host
+    registers as the instance of ``master_pid`` (default: this process); another live
+    engine with the same host_id ends the loop with HostConflictError.
     """
-    planner = _Planner(cfg, beat, on_connect or (lambda pid: None))
+    planner = _Planner(cfg, beat, on_connect or (lambda pid: None),
+                       cluster.Member.of(cfg, master_pid))
     try:
         next_pass = time.monotonic()
         while not should_stop():
@@ -469,10 +495,12 @@ class _Planner:
     """The planner process's resources between passes: its session, its state DB, and
     the failure being reported, so an outage is one log line, not one a pass."""
 
-    def __init__(self, cfg: Config, beat: Beat, on_connect: Callable[[int | None], None]):
+    def __init__(self, cfg: Config, beat: Beat, on_connect: Callable[[int | None], None],
+                 member: cluster.Member):
         self.cfg = cfg
         self.beat = beat
         self.on_connect = on_connect
+        self.member = member
         self.statedb = StateDB.for_config(cfg)
         self.tz = local_zone()
         self.conn: psycopg.Connection | None = None
@@ -480,13 +508,15 @@ class _Planner:
         self.passes = 0
 
     def run_pass(self) -> None:
+        """One pass on the open session (or a new one); a failure is logged, not raised."""
         self.passes += 1
         self.beat("planning", self.passes)
         try:
             if self.conn is None:
                 self.conn = store.connect(self.cfg, "planner")
                 self.on_connect(self.conn.info.backend_pid)
-            result = plan_once(self.conn, self.statedb, self.cfg, tz=self.tz, beat=self.beat)
+            result = plan_once(self.conn, self.statedb, self.cfg, tz=self.tz, beat=self.beat,
+                               member=self.member)
         except (psycopg.Error, DatabaseError) as exc:
             self.failed(f"PostgreSQL: {_first_line(exc)}")
             self.disconnect()
@@ -503,22 +533,26 @@ class _Planner:
                      round(result.seconds * 1000))
 
     def failed(self, reason: str) -> None:
+        """Log a failure unless it is the one already reported."""
         if reason != self.failure:
             log.error("planning pass failed, retrying every %ds: %s",
                       self.cfg.planner.interval, reason)
         self.failure = reason
 
     def disconnect(self) -> None:
+        """Drop the session, so the next pass starts on a fresh one."""
         if self.conn is not None:
             self.conn.close()
             self.conn = None
             self.on_connect(None)
 
     def close(self) -> None:
+        """Close the session and the state DB (the loop has ended)."""
         self.disconnect()
         self.statedb.close()
 
 
 def _first_line(exc: BaseException) -> str:
+    """An error's first line, for a one-line log message."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
