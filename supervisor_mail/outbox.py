@@ -194,12 +194,6 @@ def queue(conn: psycopg.Connection, acntid: int, **columns: object) -> int:
     return row[0]
 
 
-def counts(conn: psycopg.Connection) -> dict[str, int]:
-    """Rows by state, every state present (``status`` and the process title)."""
-    found = dict(conn.execute("SELECT state, count(*) FROM email_outbox GROUP BY state"))
-    return {state.value: found.get(state.value, 0) for state in OutboxState}
-
-
 def run_send_worker(cfg: Config, slot: int, beat: Callable[[str, int], None],
                     should_stop: Callable[[], bool], name: str) -> None:
     """Run one send worker in this (already forked) process until ``should_stop()``.

@@ -304,3 +304,36 @@ def test_one_session_serves_consecutive_messages_of_an_account(db, fast_cfg, smt
     finally:
         worker.close_sessions()
     assert len(smtp_sink.wait_for(4)) == 4
+
+
+def test_smtp_auth_backoff_ends_after_auth_error_retry(db, make_cfg, db_dsn, workers):
+    """Once sync.auth_error_retry has passed, the account's messages are tried again (and
+    deferred again while the password stays wrong): the backoff is a pause, not an end."""
+    cfg = make_cfg(db_dsn, outbox__poll_interval=1, sync__auth_error_retry=2)
+    with SmtpSink(auth=("me@example.com", "right-pw")) as sink:
+        acntid = smtp_account(db, sink, smtp_login="me@example.com", smtp_password="wrong-pw")
+        emobid = outbox.queue(db, acntid, to_addrs=["a@example.com"])
+        workers.start(cfg)
+        first = wait_state(db, emobid, "deferred")
+        deadline = time.monotonic() + 8
+        while outbox_row_attempts(db, emobid) < 2:
+            assert time.monotonic() < deadline, "not tried again after the backoff"
+            time.sleep(0.05)
+        again = wait_state(db, emobid, "deferred")
+        assert again["next_attempt_at"] > first["next_attempt_at"]
+        assert sink.messages == []
+
+
+def test_requeued_failed_message_is_sent_at_once(db, make_cfg, db_dsn, smtp_sink, workers):
+    """Setting a failed row back to 'queued' wakes the workers (a trigger), no poll needed."""
+    cfg = make_cfg(db_dsn, outbox__poll_interval=60)
+    acntid = smtp_account(db, smtp_sink)
+    smtp_sink.fail_at("DATA", "554 5.7.1 Not today", times=1)
+    workers.start(cfg)
+    emobid = outbox.queue(db, acntid, to_addrs=["a@example.com"])
+    failed = wait_state(db, emobid, "failed")
+    time.sleep(1.2)  # past the first poll: only a NOTIFY can wake the worker now
+    db.execute("UPDATE email_outbox SET state = 'queued', next_attempt_at = now(), "
+               "queued_at = now() WHERE emobid = %s", (emobid,))
+    sent = wait_state(db, emobid, "sent", timeout=3)
+    assert sent["message_id"] == failed["message_id"] == message_ids(smtp_sink)[0]
