@@ -366,6 +366,8 @@ class StateDB:
                 (TaskState.SET_ASIDE,)).fetchall() if s in load)
             now, added = time.time(), 0
             for task in sorted(new, key=lambda t: (t.priority, t.due)):
+                if min(load.values()) >= max_per_slot:
+                    break  # every slice is full: the rest waits for a later pass
                 slot = owner.get(task.acntid)
                 if slot is None or slot not in load:
                     slot = min(load, key=lambda s: (load[s], s))
