@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the same content as JSON (shape: supervisor_mail/status.py)")
     status.add_argument("--account", type=int, metavar="N",
                         help="only account N (acntid), with its folders")
+    status.add_argument("--cluster", action="store_true",
+                        help="the hosts sharing the database instead: heartbeats, leases per "
+                             "host, accounts no host holds, recent lease moves")
     command(commands, "initdb", cmd_initdb, "create or upgrade the PostgreSQL schema")
     demo = command(commands, "demo", cmd_demo,
                    "the whole engine on embedded PostgreSQL, IMAP and SMTP servers with sample "
@@ -146,7 +149,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config)
     cfg.require("database.dsn")
-    return Master(cfg, args.config, log_stderr=args.log_stderr).run()
+    master = Master(cfg, args.config, log_stderr=args.log_stderr)
+    code = master.run()
+    if master.halt_reason:
+        print(f"{PROG}: {master.halt_reason}", file=sys.stderr)  # the log is not on screen
+    return code
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -183,12 +190,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from supervisor_mail import status
 
-    data = status.collect(load_config(args), args.account)
+    if args.cluster:
+        data = status.collect_cluster(load_config(args))
+    else:
+        data = status.collect(load_config(args), args.account)
     if args.json:
         print(json.dumps(data, indent=2, ensure_ascii=False))
     else:
         colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-        sys.stdout.write(status.render(data, colour=colour))
+        render = status.render_cluster if args.cluster else status.render
+        sys.stdout.write(render(data, colour=colour))
     return EXIT_OK
 
 

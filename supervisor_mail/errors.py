@@ -73,3 +73,15 @@ class ProtocolError(ServerError):
 
 class NetworkError(TransientServerError):
     """Raised when a server cannot be reached, or the connection breaks or times out."""
+
+
+class LeaseLost(SupervisorMailError):
+    """Raised when this host no longer holds the account lease a sync task runs under (it
+    expired, or another host took it with a newer generation): the task's work stops, its
+    batch in hand is not stored, and its IMAP session is closed."""
+
+    exit_code = EXIT_DATABASE
+
+
+class HostConflictError(ConfigError):
+    """Raised when another live engine on the same database already uses this host_id."""

@@ -116,11 +116,11 @@ class AccountSession:
             log.error("IMAP login refused, not tried again for %ds: %s",
                       self.cfg.sync.auth_error_retry, exc, extra=where(self.acntid))
             raise
-        accounts.clear_auth_error(self.conn, self.acntid, "imap")
         self.client = client
-        if self.fence is not None:
+        if self.fence is not None:  # guarded from the login on, before any other wait
             sock = client.socket()
             self.fence.attach(lambda: cluster.sever(sock))
+        accounts.clear_auth_error(self.conn, self.acntid, "imap")
         try:
             self._enable_extensions()
         except BaseException:

@@ -25,7 +25,13 @@ from supervisor_mail.errors import ConfigError, StateError
 from supervisor_mail.state import MASTER_SLOT, PLANNER_SLOT, StateDB, remove_files
 from supervisor_mail.states import ProcessRole
 from supervisor_mail.watchdog import Watchdog
-from supervisor_mail.worker import WORKER_BOOT_ERROR, Process, make_process, run_in_child
+from supervisor_mail.worker import (
+    WORKER_BOOT_ERROR,
+    Process,
+    boot_error_fact,
+    make_process,
+    run_in_child,
+)
 
 log = logging.getLogger("supervisor_mail.master")
 
@@ -89,6 +95,7 @@ class Master:
         self.watchdog = Watchdog(self)
         self.started = time.monotonic()
         self.replacing = False  # stopping or reloading: exits are expected, not failures
+        self.halt_reason = ""   # why the master halted with a non-zero code, for `run`
         self._pipe_r = self._pipe_w = -1
 
     # --- the loop -------------------------------------------------------------------
@@ -105,6 +112,8 @@ class Master:
                 self.sleep()
         except StopMaster as stop:
             self.halt(stop)
+            if stop.code:
+                self.halt_reason = stop.reason
             return stop.code
 
     def start(self) -> None:
@@ -259,9 +268,11 @@ class Master:
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == WORKER_BOOT_ERROR:
             record.boot_failures += 1
             if record.boot_failures >= BOOT_FAILURES_TO_HALT:
+                why = self.statedb.facts().get(boot_error_fact(process.name))
                 raise StopMaster(graceful=True, code=1, reason=(
-                    f"{process.name} cannot start ({record.boot_failures} times in a row); "
-                    f"see {os.path.join(self.cfg.engine.log_dir, logs.ERROR_FILE)}"))
+                    f"{process.name} cannot start ({record.boot_failures} times in a row)"
+                    + (f": {why}" if why else
+                       f"; see {os.path.join(self.cfg.engine.log_dir, logs.ERROR_FILE)}")))
         else:
             record.boot_failures = 0
         if lived < QUICK_EXIT:

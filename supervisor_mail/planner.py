@@ -41,8 +41,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import psycopg
 from psycopg import sql
 
-from supervisor_mail import store
-from supervisor_mail.config import Config
+from supervisor_mail import cluster, store
+from supervisor_mail.config import BY_NAME, Config
 from supervisor_mail.errors import DatabaseError, StateError
 from supervisor_mail.state import NewTask, StateDB
 from supervisor_mail.states import Priority, TaskKind
@@ -65,6 +65,7 @@ ERROR_RETRY = 120
 
 SLEEP_STEP = 0.2  # seconds; the idle loop beats and checks for a stop this often
 SCHEMA_FACT = "schema_fingerprint"  # the state DB `engine` key the watchdog compares
+DEFAULT_HOST = BY_NAME["engine.host_id"].default  # whose leases a bare candidates query reads
 
 
 # --- the state the decision is made from -------------------------------------------------
@@ -292,13 +293,15 @@ def _task(kind: TaskKind, folder: FolderState, priority: int, due: float) -> New
 
 # --- reading the state from PostgreSQL ------------------------------------------------------
 
-def accounts_mine() -> sql.Composable:
-    """The condition, on ``email_accounts a``, for the accounts this host plans for.
-
-    Today every enabled account with an IMAP server. The scale-out issue (#8) makes
-    it "the accounts this host holds a lease on"; this is the one place that says it.
+def accounts_mine(host_id: str = DEFAULT_HOST) -> sql.Composable:
+    """The condition, on ``email_accounts a``, for the accounts this host plans for: the
+    enabled accounts with an IMAP server on which it holds a live lease it is not
+    giving up (supervisor_mail.cluster). This is the one place that says it; alone on
+    its database a host holds every lease.
     """
-    return sql.SQL("a.enabled AND coalesce(a.imap_host, '') <> ''")
+    return sql.SQL(cluster.ELIGIBLE + " AND EXISTS (SELECT FROM email_account_leases l"
+                   " WHERE l.acntid = a.acntid AND l.host_id = {host} AND NOT l.releasing"
+                   " AND l.expires_at > now())").format(host=sql.Literal(host_id))
 
 
 # The candidates, in three branches that each return only rows already due, at most
@@ -367,9 +370,9 @@ FROM (
 """
 
 
-def candidates_query() -> sql.Composed:
-    """The planner's one SELECT (the benchmark times it bare, too)."""
-    return sql.SQL(_CANDIDATES).format(mine=accounts_mine())
+def candidates_query(host_id: str = DEFAULT_HOST) -> sql.Composed:
+    """The planner's one SELECT of candidates (the benchmark times it bare, too)."""
+    return sql.SQL(_CANDIDATES).format(mine=accounts_mine(host_id))
 
 
 def candidates_params(cut: Cutoffs, limit: int | None) -> dict[str, object]:
@@ -383,13 +386,13 @@ def candidates_params(cut: Cutoffs, limit: int | None) -> dict[str, object]:
     return params
 
 
-def read_candidates(conn: psycopg.Connection, cut: Cutoffs,
-                    limit: int | None) -> tuple[list[AccountState], list[FolderState]]:
+def read_candidates(conn: psycopg.Connection, cut: Cutoffs, limit: int | None,
+                    host_id: str = DEFAULT_HOST) -> tuple[list[AccountState], list[FolderState]]:
     """The accounts and folders due at ``cut.now`` (``limit`` of each kind), in one query.
 
     Not prepared: the best plan depends on the cutoffs' values, so it is made for them.
     """
-    rows = conn.execute(candidates_query(), candidates_params(cut, limit),
+    rows = conn.execute(candidates_query(host_id), candidates_params(cut, limit),
                         prepare=False).fetchall()
     accounts: dict[int, AccountState] = {}
     folders = []
@@ -414,6 +417,7 @@ class PassResult:
     added: int        # of those, newly put into a slice; the rest were queued already,
                       # or their slice was full and they wait for a later pass
     seconds: float    # the pass's duration
+    standing: cluster.Standing | None = None  # this host's leases after the pass
 
 
 Beat = Callable[[str, int | None], None]  # (phase, progress): the process's heartbeat
@@ -421,12 +425,15 @@ Beat = Callable[[str, int | None], None]  # (phase, progress): the process's hea
 
 def plan_once(conn: psycopg.Connection, statedb: StateDB, cfg: Config,
               now: float | None = None, tz: tzinfo | None = None,
-              beat: Beat | None = None) -> PassResult:
-    """One planning pass: fingerprint, read, decide, enqueue.
+              beat: Beat | None = None, member: cluster.Member | None = None) -> PassResult:
+    """One planning pass: fingerprint, the cluster's part (``cluster.take_part``: this
+    host's registration and leases, as ``member``, by default this process), read,
+    decide, enqueue.
 
-    A fixed number of statements whatever the number of accounts: the fingerprint's
-    and one SELECT. The fingerprint comes first so that an upgrade which breaks the
-    SELECT is still reported to the watchdog.
+    A fixed number of statements whatever the number of accounts: the fingerprint's,
+    the cluster's and one SELECT. The fingerprint comes first so that an upgrade which
+    breaks the rest is still reported to the watchdog. Raises HostConflictError when
+    another live engine holds this host_id.
     """
     started = time.monotonic()
     now = time.time() if now is None else now
@@ -435,12 +442,16 @@ def plan_once(conn: psycopg.Connection, statedb: StateDB, cfg: Config,
     fingerprint = store.fingerprint(conn)
     statedb.set_fact(SCHEMA_FACT, fingerprint)
 
+    member = cluster.Member.of(cfg) if member is None else member
+    standing = cluster.take_part(conn, member, busy={t.acntid for t in statedb.tasks()})
+
     slots = list(range(cfg.sync_workers))
     capacity = len(slots) * cfg.engine.max_tasks_per_worker
     accounts: list[AccountState] = []
     folders: list[FolderState] = []
     if cfg.sync.enabled:  # due_tasks would return nothing: spare the database the read
-        accounts, folders = read_candidates(conn, Cutoffs.at(cfg, now, tz), capacity)
+        accounts, folders = read_candidates(conn, Cutoffs.at(cfg, now, tz), capacity,
+                                            member.host_id)
 
     tasks = due_tasks(accounts, folders, cfg, now, tz)
     if beat is not None:
@@ -448,20 +459,24 @@ def plan_once(conn: psycopg.Connection, statedb: StateDB, cfg: Config,
 
     added = statedb.enqueue(tasks, slots=slots, max_per_slot=cfg.engine.max_tasks_per_worker)
     return PassResult(fingerprint, len(accounts), len(folders), len(tasks), added,
-                      time.monotonic() - started)
+                      time.monotonic() - started, standing)
 
 
 def run_planner(cfg: Config, beat: Beat, should_stop: Callable[[], bool],
-                on_connect: Callable[[int | None], None] | None = None) -> None:
+                on_connect: Callable[[int | None], None] | None = None,
+                master_pid: int | None = None) -> None:
     """The planner process's loop, run after the fork until ``should_stop()``.
 
     Opens its own PostgreSQL session and state DB, runs a pass every
     ``planner.interval`` seconds and beats on every turn of the loop, idle included.
     A database error is logged (once while it lasts) and the pass retried at the
     next interval on a new session. ``on_connect`` receives the session's backend pid
-    (None once it is closed), for the heartbeat row's ``backend_pid``.
+    (None once it is closed), for the heartbeat row's ``backend_pid``. The host
+    registers as the instance of ``master_pid`` (default: this process); another live
+    engine with the same host_id ends the loop with HostConflictError.
     """
-    planner = _Planner(cfg, beat, on_connect or (lambda pid: None))
+    planner = _Planner(cfg, beat, on_connect or (lambda pid: None),
+                       cluster.Member.of(cfg, master_pid))
     try:
         next_pass = time.monotonic()
         while not should_stop():
@@ -480,10 +495,12 @@ class _Planner:
     """The planner process's resources between passes: its session, its state DB, and
     the failure being reported, so an outage is one log line, not one a pass."""
 
-    def __init__(self, cfg: Config, beat: Beat, on_connect: Callable[[int | None], None]):
+    def __init__(self, cfg: Config, beat: Beat, on_connect: Callable[[int | None], None],
+                 member: cluster.Member):
         self.cfg = cfg
         self.beat = beat
         self.on_connect = on_connect
+        self.member = member
         self.statedb = StateDB.for_config(cfg)
         self.tz = local_zone()
         self.conn: psycopg.Connection | None = None
@@ -498,7 +515,8 @@ class _Planner:
             if self.conn is None:
                 self.conn = store.connect(self.cfg, "planner")
                 self.on_connect(self.conn.info.backend_pid)
-            result = plan_once(self.conn, self.statedb, self.cfg, tz=self.tz, beat=self.beat)
+            result = plan_once(self.conn, self.statedb, self.cfg, tz=self.tz, beat=self.beat,
+                               member=self.member)
         except (psycopg.Error, DatabaseError) as exc:
             self.failed(f"PostgreSQL: {_first_line(exc)}")
             self.disconnect()

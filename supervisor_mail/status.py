@@ -53,12 +53,13 @@ read. No password is ever selected, so none can be shown.
 from __future__ import annotations
 
 import threading
+import time
 from datetime import datetime
 from typing import Any
 
 import psycopg
 
-from supervisor_mail import control, planner
+from supervisor_mail import cluster, control, planner
 from supervisor_mail.config import Config, mask_dsn
 from supervisor_mail.errors import NotFoundError
 from supervisor_mail.state import MASTER_SLOT, StateSnapshot, Task, db_path, read_snapshot
@@ -192,15 +193,20 @@ _OUTBOX = """
     GROUP BY state"""
 
 
+def read_only_session(cfg: Config) -> psycopg.Connection:
+    """A read-only PostgreSQL session with the short timeouts above."""
+    conn = psycopg.connect(cfg.require("database.dsn"), autocommit=True,
+                           connect_timeout=PG_TIMEOUT, application_name="supervisor_mail status")
+    conn.execute("SELECT set_config('statement_timeout', %s, false),"
+                 " set_config('lock_timeout', %s, false),"
+                 " set_config('default_transaction_read_only', 'on', false)",
+                 (f"{PG_TIMEOUT}s", f"{PG_LOCK_TIMEOUT}s"))
+    return conn
+
+
 def read_database(cfg: Config, acntid: int | None, now: float) -> dict[str, Any]:
     """outbox and accounts from PostgreSQL in one read-only session with short timeouts."""
-    dsn = cfg.require("database.dsn")
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=PG_TIMEOUT,
-                         application_name="supervisor_mail status") as conn:
-        conn.execute("SELECT set_config('statement_timeout', %s, false),"
-                     " set_config('lock_timeout', %s, false),"
-                     " set_config('default_transaction_read_only', 'on', false)",
-                     (f"{PG_TIMEOUT}s", f"{PG_LOCK_TIMEOUT}s"))
+    with read_only_session(cfg) as conn:
         params = {"acntid": acntid}
         with conn.transaction():
             outbox_rows = conn.execute(_OUTBOX, params).fetchall()
@@ -510,3 +516,81 @@ def _folders(folders: list[dict[str, Any]], now: float, paint: _Painter) -> list
                                    "red" if f["last_error"] else None])
     return table(["emfdid", "folder", "priority", "last recent", "last full", "last uid", "lag",
                   "last error"], rows, paint, tints, right=frozenset({0, 5}))
+
+
+# --- status --cluster ---------------------------------------------------------------------------
+
+def collect_cluster(cfg: Config) -> dict[str, Any]:
+    """What ``status --cluster`` shows: ``cluster.overview`` (hosts with their heartbeat
+    age and leases, accounts no host holds, recent moves) with this host's id::
+
+        {"version": 1, "host_id": "mail-a", "generated_at": 1700000000.0, "lease_ttl": 60,
+         "hosts": [...], "unleased": [...], "moves": [...], "database": {"error": null}}
+
+    ``hosts``, ``unleased`` and ``moves`` are ``null`` when PostgreSQL could not be read.
+    """
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            with read_only_session(cfg) as conn:
+                result.update(cluster.overview(conn))
+        except psycopg.Error as exc:
+            text = str(exc).strip().splitlines()
+            result["error"] = f"PostgreSQL ({mask_dsn(cfg['database.dsn'])}): " \
+                              f"{text[0] if text else type(exc).__name__}"
+
+    thread = threading.Thread(target=target, name="status-cluster", daemon=True)
+    thread.start()
+    thread.join(DB_DEADLINE)
+    if thread.is_alive():
+        result = {"error": f"PostgreSQL did not answer within {DB_DEADLINE}s "
+                           "(a hung server, a lock, or the network)"}
+    return {"version": VERSION, "host_id": cfg.engine.host_id, "generated_at": time.time(),
+            "lease_ttl": cfg.cluster.lease_ttl, "hosts": result.get("hosts"),
+            "unleased": result.get("unleased"), "moves": result.get("moves"),
+            "database": {"error": result.get("error")}}
+
+
+def id_ranges(ids: list[int]) -> str:
+    """``1-20, 25, 30-31`` for a sorted list of ids; ``-`` for none."""
+    parts: list[str] = []
+    for n in ids:
+        if parts and parts[-1][1] == n - 1:
+            parts[-1] = (parts[-1][0], n)
+        else:
+            parts.append((n, n))
+    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in parts) or "-"
+
+
+def render_cluster(status: dict[str, Any], colour: bool = False) -> str:
+    """``collect_cluster``'s dict as text (ANSI colour when ``colour``)."""
+    paint = _Painter(colour)
+    now = status["generated_at"]
+    out = [paint(f"supervisor_mail cluster, seen from {status['host_id']} "
+                 f"(lease_ttl {status['lease_ttl']}s)", "bold")]
+    if status["database"]["error"]:
+        out.append(paint(f"database: {status['database']['error']}", "red"))
+        return "\n".join(out) + "\n"
+    rows, tints = [], []
+    for h in status["hosts"]:
+        state = "live" if h["live"] else "gone"
+        name = h["host_id"] + (" (this host)" if h["host_id"] == status["host_id"] else "")
+        rows.append([name, h["hostname"], str(h["pid"]), h["version"],
+                     age_text(h["heartbeat_age"]), state, str(h["leases"]),
+                     str(h["releasing"]), str(h["synced_last_hour"]), id_ranges(h["accounts"])])
+        tints.append([None] * 5 + ["green" if h["live"] else "red"] + [None] * 4)
+    out += ["", paint("HOSTS", "bold")]
+    out += table(["host", "hostname", "pid", "version", "heartbeat", "state", "leases",
+                  "releasing", "synced (1h)", "accounts"], rows, paint, tints,
+                 right=frozenset({2, 4, 6, 7, 8})) if rows else ["(no host has registered)"]
+    unleased = status["unleased"]
+    out += ["", paint("UNLEASED", "bold") + "  " + (
+        paint(f"{len(unleased)} accounts no live host holds: {id_ranges(unleased)}", "yellow")
+        if unleased else "none: every account is held")]
+    out += ["", paint("RECENT MOVES (newest first)", "bold")]
+    moves = [[when_text(m["moved_at"], now), str(m["acntid"]), m["from"] or "-", m["to"],
+              str(m["generation"]), m["reason"]] for m in status["moves"]]
+    out += table(["when", "account", "from", "to", "generation", "why"], moves, paint,
+                 right=frozenset({1, 4})) if moves else ["(none)"]
+    return "\n".join(out) + "\n"

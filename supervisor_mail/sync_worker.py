@@ -2,9 +2,10 @@
 IMAP session open per account across that account's folders.
 
 The loop, top to bottom: claim the next task of my slice (the open account's first),
-open the account's session if it is not the open one, run the task, finish it —
-or hand it back on a graceful stop, or put it back a little later when the
-database is busy. Nothing here decides what is due: the planner does.
+check that this host holds the account's lease (``cluster.Fence``), open the
+account's session if it is not the open one, run the task, finish it — or hand it
+back on a graceful stop, or put it back a little later when the database is busy,
+or drop it when the lease is lost. Nothing here decides what is due: the planner does.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import time
 
 import psycopg
 
-from supervisor_mail import accounts, folders, imap_sync, metrics, store
-from supervisor_mail.errors import DatabaseError, SupervisorMailError
+from supervisor_mail import accounts, cluster, folders, imap_sync, metrics, store
+from supervisor_mail.errors import DatabaseError, LeaseLost, SupervisorMailError
 from supervisor_mail.logs import where
 from supervisor_mail.state import Task
 from supervisor_mail.states import ProcessRole, TaskKind
@@ -34,12 +35,14 @@ class SyncWorker(Process):
     def work(self) -> None:
         self.conn: psycopg.Connection | None = None
         self.session: imap_sync.AccountSession | None = None
+        self.guard = cluster.Guard()
         idle_since = time.monotonic()
         try:
             while not self.stopping:
                 task = self.statedb.claim(self.slot, self.open_acntid)
                 if task is None:
-                    if self.session and time.monotonic() - idle_since > SESSION_IDLE_CLOSE:
+                    if self.session and (time.monotonic() - idle_since > SESSION_IDLE_CLOSE
+                                         or self.session.fence.left() <= 0):
                         self.close_session()
                     self.beat("idle", 0)
                     time.sleep(IDLE_POLL)
@@ -60,6 +63,9 @@ class SyncWorker(Process):
         self.beat("starting task", 0)
         try:
             finished = self.run_task_steps(task)
+        except LeaseLost as exc:
+            self.lease_lost(task, exc)
+            finished = True
         except (psycopg.Error, DatabaseError) as exc:
             # The database is busy or away (a migration holds a lock): not the folder's
             # fault, so no folder error and no error backoff; the task runs again soon.
@@ -81,6 +87,16 @@ class SyncWorker(Process):
             self.statedb.finish(task.id)
         else:
             self.statedb.hand_back(task.id)  # a graceful stop: the next worker resumes it
+
+    def lease_lost(self, task: Task, exc: LeaseLost) -> None:
+        """The account is (or is about to be) another host's: the batch in hand was not
+        stored, the holder plans the work afresh, and the IMAP session goes now."""
+        extra = where(task.acntid, task.emfdid or None)
+        if self.session is None:  # refused at the task's start, before any IMAP
+            log.info("%s not run here: %s", task.kind, exc, extra=extra)
+            return
+        log.warning("%s stopped: %s; its IMAP session is closed", task.kind, exc, extra=extra)
+        self.close_session()
 
     def run_task_steps(self, task: Task) -> bool:
         """Run one task; False when a stop request interrupted it between batches."""
@@ -117,11 +133,19 @@ class SyncWorker(Process):
             self.backend_pid = None
 
     def open_session(self, conn: psycopg.Connection, acntid: int) -> None:
+        """The account's IMAP session, kept from the last task while the lease it was opened
+        under still holds; LeaseLost when this host holds no lease on the account."""
         if self.session is not None and self.session.acntid == acntid:
-            return
+            try:
+                self.session.fence.take(conn)
+                return
+            except LeaseLost:
+                pass  # a lease lost in between: that session is done; a new one may be ours
         self.close_session()
+        fence = cluster.Fence(self.cfg, acntid, self.guard)
+        fence.take(conn)
         self.beat("connect imap")
-        self.session = imap_sync.AccountSession(conn, self.cfg, acntid)
+        self.session = imap_sync.AccountSession(conn, self.cfg, acntid, fence=fence)
         self.session.open()
 
     def close_session(self) -> None:

@@ -117,6 +117,8 @@ class Process:
             log.warning("%s exiting: the master is gone", self.name)
         except BootError as exc:
             log.error("%s cannot start: %s", self.name, exc)
+            assert self.statedb is not None
+            self.statedb.set_fact(boot_error_fact(self.name), str(exc))  # for the master's halt
             return WORKER_BOOT_ERROR
         return 0
 
@@ -133,6 +135,11 @@ class Process:
 
 class BootError(Exception):
     """Raised by a process that can never start with this configuration (exit 3)."""
+
+
+def boot_error_fact(name: str) -> str:
+    """The state DB ``engine`` key under which process ``name`` leaves why it cannot start."""
+    return f"boot_error {name}"
 
 
 def run_in_child(process: Process) -> None:
@@ -155,8 +162,13 @@ class PlannerProcess(Process):
 
     def work(self) -> None:
         from supervisor_mail import planner
+        from supervisor_mail.errors import HostConflictError
 
-        planner.run_planner(self.cfg, self.beat, self.should_stop)
+        try:
+            planner.run_planner(self.cfg, self.beat, self.should_stop,
+                                master_pid=self.master_pid)
+        except HostConflictError as exc:
+            raise BootError(str(exc)) from None  # another engine is this host: never start
 
 
 class SendWorker(Process):
