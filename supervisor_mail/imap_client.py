@@ -107,9 +107,11 @@ def login_account(client: imapclient.IMAPClient, account: Account, where: str) -
     except LoginError as exc:
         text = _reason(exc).removeprefix("login failed: ")
         if isinstance(exc.__context__, IMAPClientAbortError):
-            # BYE or EOF instead of a tagged answer: a server shedding load, not a verdict.
-            raise NetworkError(f"{where} closed the connection during the login of {user}: "
-                               f"{text}") from None
+            # BYE or EOF instead of a tagged answer: never a verdict on the password; a
+            # BYE that names a connection limit is the server shedding load.
+            kind = TransientServerError if _TRANSIENT_TEXT.search(text) else NetworkError
+            raise kind(f"{where} closed the connection during the login of {user}: "
+                       f"{text}") from None
         raise classify_refusal(text)(f"{where} refused the login of {user}: {text}") from None
     except (OSError, IMAPClientError) as exc:
         raise NetworkError(f"{where}: connection lost during login: {_reason(exc)}") from None

@@ -35,15 +35,16 @@ class Fetched:
     skipped_reason: str | None = None
 
 
-_COPY_COLUMNS = ("emfdid", "uidvalidity", "uid", "message_id", "subject", "from_addr",
-                 "to_addrs", "cc_addrs", "sent_date", "internaldate", "size", "flags", "modseq",
-                 "headers", "raw", "skipped_reason")
+COLUMNS = ("emfdid", "uidvalidity", "uid", "message_id", "subject", "from_addr", "to_addrs",
+           "cc_addrs", "sent_date", "internaldate", "size", "flags", "modseq", "headers", "raw",
+           "skipped_reason")
 _COPY_TYPES = ("int8", "int8", "int8", "text", "text", "text", "text", "text", "timestamptz",
                "timestamptz", "int8", "text[]", "int8", "text", "bytea", "text")
-_COPY = f"COPY email_messages ({', '.join(_COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+_COPY = f"COPY email_messages ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 
 
-def _row(emfdid: int, uidvalidity: int, m: Fetched) -> tuple:
+def row(emfdid: int, uidvalidity: int, m: Fetched) -> tuple:
+    """The values of ``COLUMNS`` for one message."""
     h = m.headers
     return (emfdid, uidvalidity, m.uid, h.message_id, h.subject, h.from_addr, h.to_addrs,
             h.cc_addrs, h.sent_date, m.internaldate, m.size, m.flags, m.modseq, h.block, m.raw,
@@ -58,7 +59,7 @@ def copy_new(conn: psycopg.Connection, emfdid: int, uidvalidity: int,
     with conn.cursor() as cur, cur.copy(_COPY) as copy:
         copy.set_types(_COPY_TYPES)
         for message in batch:
-            copy.write_row(_row(emfdid, uidvalidity, message))
+            copy.write_row(row(emfdid, uidvalidity, message))
 
 
 def has_retired(conn: psycopg.Connection, emfdid: int) -> bool:
