@@ -60,11 +60,11 @@ def main() -> int:
     parser.add_argument("--workdir", default=tempfile.gettempdir(),
                         help="where PostgreSQL's data and mbsync's Maildir go (a disk, not tmpfs)")
     args = parser.parse_args()
-    missing = [name for name, found in (("dovecot (dovecot-imapd)", dovecot_binary()),
-                                        ("mbsync (isync)", shutil.which("mbsync"))) if not found]
+    missing = [name for name, found in (("dovecot", dovecot_binary()),
+                                        ("mbsync", shutil.which("mbsync"))) if not found]
     if missing:
-        print(f"sync_throughput: needs {' and '.join(missing)}; install them to run it",
-              file=sys.stderr)
+        print(f"sync_throughput: {' and '.join(missing)} not found; it needs Dovecot "
+              "(Debian: dovecot-imapd) and mbsync (Debian: isync)", file=sys.stderr)
         return 2
     work = tempfile.mkdtemp(prefix="sync-throughput-", dir=args.workdir)
     fs = filesystem_of(work)
