@@ -166,9 +166,14 @@ class PlannerProcess(Process):
 
         try:
             planner.run_planner(self.cfg, self.beat, self.should_stop,
-                                master_pid=self.master_pid)
+                                on_connect=self.record_backend, master_pid=self.master_pid)
         except HostConflictError as exc:
             raise BootError(str(exc)) from None  # another engine is this host: never start
+
+
+    def record_backend(self, pid: int | None) -> None:
+        """The planner's PostgreSQL backend, for the watchdog's pg_blocking_pids helper."""
+        self.backend_pid = pid
 
 
 class SendWorker(Process):
