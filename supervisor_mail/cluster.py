@@ -297,6 +297,12 @@ FROM email_account_leases
 WHERE acntid = %(acntid)s AND host_id = %(host)s AND expires_at > clock_timestamp()"""
 
 
+# set_config: the stall bound for the rest of the transaction, in the same round trip.
+_HOLD = f"""
+SELECT l.*, set_config('idle_in_transaction_session_timeout', %(stall)s, true)
+FROM ({_LEASE} AND generation = %(generation)s FOR KEY SHARE) l"""
+
+
 class Fence:
     """A sync worker's hold on one account's lease, for one IMAP session.
 
@@ -376,10 +382,12 @@ class Fence:
         """At a batch transaction's end, before the commit: share-lock the lease row if this
         host still holds this generation, else LeaseLost (the transaction rolls back).
         Another host's claim skips a locked row, so the lease cannot move between this
-        check and the commit; a claim made before it raised the generation."""
+        check and the commit; a claim made before it raised the generation. The lock is
+        what holds the lease's next claim back, so from here the server ends a stalled
+        transaction within ``margin``, before the lease's expiry plus a planning pass."""
         asked = time.monotonic()
-        row = conn.execute(_LEASE + " AND generation = %(generation)s FOR KEY SHARE",
-                           self._params()).fetchone()
+        row = conn.execute(_HOLD, {**self._params(),
+                                   "stall": str(max(1, int(self.margin * 1000)))}).fetchone()
         if row is None:
             self.deadline = asked
             holder = conn.execute("SELECT host_id, generation FROM email_account_leases "

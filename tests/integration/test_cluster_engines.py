@@ -101,7 +101,7 @@ def mail(db, imap_server) -> Mail:
     return Mail(db, imap_server)
 
 
-def wait(predicate, timeout: float, what: str, *engines: Engine):
+def wait(predicate, timeout: float, what: str, *engines: Engine, step: float = 0.1):
     """Poll until ``predicate()`` is true; fail when a running engine's master exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -112,7 +112,7 @@ def wait(predicate, timeout: float, what: str, *engines: Engine):
             if engine.proc is not None and engine.proc.poll() is not None:
                 raise AssertionError(f"{engine.cfg.engine.host_id} exited while waiting for "
                                      f"{what}: {engine.stderr_tail()}")
-        time.sleep(0.1)
+        time.sleep(step)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
@@ -274,7 +274,9 @@ def test_a_host_cut_off_from_postgresql_loses_its_leases_and_is_fenced(hosts, db
         a, b = start_sharing(hosts, db, mail, dsn=proxy.dsn)
         assert len(mail.pending(leases(db)["host-a"])) >= 5, \
             "host-a had nearly finished before the cut: more mail is needed"
-
+        # cut while each sync worker of host-a is between FETCH and commit, batch in hand
+        wait(lambda: [hb.phase for hb in a.heartbeats() if hb.role == "sync"]
+             == ["fetch"] * 3, 20, "host-a's workers all fetching", a, step=0.01)
         proxy.cut()
         cut = time.time()
         took_over = wait(lambda: shares(db) == {"host-b": ACCOUNTS} and time.time(),
