@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 import threading
 
 from supervisor_mail.embedded.imap import LOOPBACK
@@ -23,14 +24,16 @@ class ImapProxy:
     from the server (later ones pass). ``refuse_login``: a LOGIN gets this answer
     (``b"NO [LIMIT] ..."``) instead of reaching the server, or, when it starts
     with ``b"* BYE"``, this line and a closed connection. ``rewrite``: applied to
-    what the server sends (to garble a response). ``drop_fetch_of``: a UID whose
+    what the server sends (to garble a response). ``tls``: the proxy's clients speak
+    implicit TLS (port 993 style) with this server context. ``drop_fetch_of``: a UID whose
     body a FETCH asks for gets ``* BYE`` and a closed connection instead, as Dovecot
     answers for a message file it cannot read. All may change while it runs.
     """
 
     def __init__(self, host: str, port: int, *, cut_after: int | None = None, cuts: int = 1,
-                 refuse_login: bytes | None = None):
+                 refuse_login: bytes | None = None, tls: ssl.SSLContext | None = None):
         self.upstream = (host, port)
+        self.tls = tls  # a server context: clients speak implicit TLS to the proxy
         self.cut_after, self.cuts_left = cut_after, cuts
         self.refuse_login = refuse_login
         self.rewrite = None
@@ -67,6 +70,12 @@ class ImapProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return  # closed by __exit__
+            if self.tls is not None:
+                try:
+                    client = self.tls.wrap_socket(client, server_side=True)
+                except (OSError, ssl.SSLError):
+                    client.close()  # a client that refused our certificate
+                    continue
             server = socket.create_connection(self.upstream)
             with self._lock:
                 self.connections += 1

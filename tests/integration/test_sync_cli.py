@@ -85,3 +85,21 @@ def test_mistakes_are_one_line_and_an_exit_code(imap_account, db, conf, args, me
     assert done.returncode == code
     assert len(errors) == 1 and re.search(message, errors[0]), done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_sync_without_folder_takes_every_folder_not_switched_off(mailbox, imap_account, db,
+                                                                 conf):
+    """No --folder: every folder whose priority is not off, one summary line each."""
+    fill_mailbox(mailbox, "INBOX", 2)
+    fill_mailbox(mailbox, "Archiwum", 1)
+    fill_mailbox(mailbox, "Stare", 1)
+    acntid = add_account(db, imap_account)
+    assert sync(conf, str(acntid)).returncode == 0  # discovers the folders
+    db.execute("UPDATE email_folders SET user_priority = 'off' WHERE server_name = 'Stare'")
+    fill_mailbox(mailbox, "INBOX", 1, seed=5)
+    done = sync(conf, str(acntid))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert sorted(line.split(":")[0] for line in lines) == ["Archiwum", "INBOX"]
+    assert any(line.startswith("INBOX: 1 new messages,") for line in lines)
+    assert any(line.startswith("Archiwum: 0 new messages,") for line in lines)

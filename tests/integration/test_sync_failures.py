@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import time
 
 import pytest
@@ -22,7 +23,7 @@ from sync_helpers import (
 )
 
 from supervisor_mail import accounts
-from supervisor_mail.embedded.imap import make_server
+from supervisor_mail.embedded.imap import issue_loopback_cert, make_server
 from supervisor_mail.embedded.imap_admin import Mailbox, fill_mailbox
 from supervisor_mail.errors import (
     AuthError,
@@ -185,6 +186,27 @@ def test_starttls_verifies_the_certificate(imap_server, db, make_cfg, db_dsn):
         assert not isinstance(error.value, AuthError)
         assert tls_server.login_attempts(account.login) == logins
         trusted = make_cfg(db_dsn, engine__tls_ca_file=str(tls_server.ca_pem_path))
+        assert run_sync(trusted, acntid).new == 2
+
+
+def test_implicit_tls_verifies_the_certificate(mailbox, imap_account, db, make_cfg, db_dsn,
+                                              tmp_path):
+    """An account on implicit TLS (993 style: a TLS front on loopback before the real
+    server) is refused before any login while the certificate is not trusted, and
+    syncs once engine.tls_ca_file names its CA."""
+    fill_mailbox(mailbox, "INBOX", 2)
+    files = issue_loopback_cert(tmp_path / "tls")
+    front = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    front.load_cert_chain(files.cert_path, files.key_path)
+    server = imap_account.server
+    with ImapProxy(server.host, server.port, tls=front) as proxy:
+        acntid = add_account(db, imap_account, host=proxy.host, port=proxy.port, security="tls")
+        logins = server.login_attempts(imap_account.login)  # the filling session's
+        with pytest.raises(ServerError, match="certificate not trusted") as error:
+            run_sync(make_cfg(db_dsn), acntid)
+        assert not isinstance(error.value, AuthError)
+        assert server.login_attempts(imap_account.login) == logins
+        trusted = make_cfg(db_dsn, engine__tls_ca_file=str(files.ca_pem_path))
         assert run_sync(trusted, acntid).new == 2
 
 
