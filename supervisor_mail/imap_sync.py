@@ -22,16 +22,18 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import psycopg
 import tenacity
 
-from supervisor_mail import accounts, folders, imap_client, imap_wire, messages
+from supervisor_mail import accounts, cluster, folders, imap_client, imap_wire, messages
 from supervisor_mail.config import Config
 from supervisor_mail.errors import (
     AuthError,
     DatabaseError,
+    LeaseLost,
     NetworkError,
     ServerError,
     SupervisorMailError,
@@ -87,11 +89,13 @@ class AccountSession:
     starts that backoff, so a locking server sees one attempt per period however
     often a sync is asked for. ``ignore_capabilities`` turns server extensions off
     (for a server whose CONDSTORE is broken, and for tests of the plain path).
+    With a ``fence`` (the engine's sync workers) the session is opened and used only
+    while this host holds the account's lease, and every batch commits under it.
     """
 
     def __init__(self, conn: psycopg.Connection, cfg: Config, acntid: int,
-                 ignore_capabilities: tuple[str, ...] = ()):
-        self.conn, self.cfg, self.acntid = conn, cfg, acntid
+                 ignore_capabilities: tuple[str, ...] = (), fence: cluster.Fence | None = None):
+        self.conn, self.cfg, self.acntid, self.fence = conn, cfg, acntid, fence
         self.ignore = {c.upper().encode() for c in ignore_capabilities}
         self.client = None
         self.capabilities: frozenset[bytes] = frozenset()
@@ -106,6 +110,8 @@ class AccountSession:
     def open(self) -> None:
         if self.client is not None:
             return
+        if self.fence is not None:
+            self.fence.ensure(self.conn)
         account = accounts.get(self.conn, self.acntid)
         self._refuse_in_backoff()
         try:
@@ -115,8 +121,11 @@ class AccountSession:
             log.error("IMAP login refused, not tried again for %ds: %s",
                       self.cfg.sync.auth_error_retry, exc, extra=where(self.acntid))
             raise
-        accounts.clear_auth_error(self.conn, self.acntid, "imap")
         self.client = client
+        if self.fence is not None:  # guarded from the login on, before any other wait
+            sock = client.socket()
+            self.fence.attach(lambda: cluster.sever(sock))
+        accounts.clear_auth_error(self.conn, self.acntid, "imap")
         try:
             self._enable_extensions()
         except BaseException:
@@ -157,6 +166,8 @@ class AccountSession:
         the next ``open()`` starts afresh."""
         self.open()
         try:
+            if self.fence is not None:
+                self.fence.ensure(self.conn)  # no IMAP command past the lease's deadline
             return imap_wire.execute(self.client, command, on_response, literal_cap)
         except BaseException:
             self.close()
@@ -164,6 +175,8 @@ class AccountSession:
 
     def close(self) -> None:
         if self.client is not None:
+            if self.fence is not None:
+                self.fence.detach()
             imap_client.close(self.client)
             self.client = None
 
@@ -237,6 +250,8 @@ def sync_folder(conn: psycopg.Connection, session: AccountSession, folder: Folde
     started = time.monotonic()
     try:
         tenacity.Retrying(**NETWORK_RETRY)(job.attempt)
+    except LeaseLost:
+        raise  # not the folder's fault: no folder error, the new holder syncs it at once
     except SupervisorMailError as exc:
         log.error("%s of %s failed: %s", job.kind.value, folder.display_name, exc,
                   extra=job.where)
@@ -446,7 +461,8 @@ class _Writer:
     def submit(self, plan: Plan, batch: list[messages.Fetched]) -> None:
         self.collect()
         future = self.pool.submit(store_batch, self.job.conn, self.job.folder.emfdid,
-                                  self.uidvalidity, plan.last_uid, batch, self.job.has_retired)
+                                  self.uidvalidity, plan.last_uid, batch, self.job.has_retired,
+                                  self.job.session.fence)
         self.pending = (plan, batch, future)
 
     def collect(self) -> None:
@@ -463,14 +479,20 @@ class _Writer:
 
 
 def store_batch(conn: psycopg.Connection, emfdid: int, uidvalidity: int, last_uid: int,
-                batch: list[messages.Fetched], has_retired: bool) -> list[messages.Fetched]:
+                batch: list[messages.Fetched], has_retired: bool,
+                fence: cluster.Fence | None = None) -> list[messages.Fetched]:
     """Store a batch and advance the cursor to ``last_uid`` in one transaction.
 
     The cursor row is locked first and only UIDs above it are written, so a batch
     replayed after a crash, or written twice by two processes, is stored once.
-    Returns the messages actually written.
+    With a ``fence`` the transaction ends by checking that this host still holds the
+    account's lease under the fence's generation (else LeaseLost, and nothing is
+    written) and records the batch with its host and generation. Returns the messages
+    actually written.
     """
-    with conn.transaction():
+    with fence.committing() if fence is not None else nullcontext(), conn.transaction():
+        if fence is not None:
+            fence.bound_stall(conn)
         # Not waiting for the WAL flush loses nothing: a batch lost with a PostgreSQL
         # crash is lost with its cursor advance (one transaction), so it is fetched
         # again from the server, which still has it.
@@ -483,6 +505,9 @@ def store_batch(conn: psycopg.Connection, emfdid: int, uidvalidity: int, last_ui
         rest = messages.adopt_retired(conn, emfdid, uidvalidity, fresh) if has_retired else fresh
         messages.copy_new(conn, emfdid, uidvalidity, rest)
         folders.advance(conn, emfdid, last_uid)
+        if fence is not None:
+            fence.hold(conn, f"batch of {len(batch)} messages for folder {emfdid}")
+            fence.record(conn, emfdid, last_uid, len(fresh))
     return fresh
 
 
