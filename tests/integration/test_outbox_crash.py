@@ -54,8 +54,7 @@ def test_racing_workers_never_send_a_message_twice(db, make_cfg, db_dsn, smtp_si
 
 
 def test_worker_killed_mid_batch_loses_nothing(db, make_cfg, db_dsn, smtp_sink, workers):
-    """SIGKILL in the middle of a batch: its claim comes due after claim_timeout, another worker
-    sends the rest; every message arrives, at most the one in flight twice (the README's window)."""
+    """SIGKILL mid-batch: every message still arrives, at most the one in flight twice."""
     cfg = make_cfg(db_dsn, outbox__claim_timeout=2, outbox__poll_interval=1)
     acntid = smtp_account(db, smtp_sink)
     emobids = [outbox.queue(db, acntid, to_addrs=["a@example.com"], subject=f"batch {i}")
@@ -76,8 +75,7 @@ def test_worker_killed_mid_batch_loses_nothing(db, make_cfg, db_dsn, smtp_sink, 
 
 
 def test_stale_claim_is_reconsidered_and_sent(db, make_cfg, db_dsn, smtp_sink, workers):
-    """A 'sending' row whose claimer vanished is taken again after claim_timeout and sent, with
-    the Message-ID it already had."""
+    """A claim whose worker vanished is taken again after claim_timeout, same Message-ID."""
     cfg = make_cfg(db_dsn, outbox__claim_timeout=60, outbox__poll_interval=1)
     acntid = smtp_account(db, smtp_sink)
     emobid = outbox.queue(db, acntid, to_addrs=["a@example.com"], message_id="<kept@example.com>")

@@ -192,8 +192,7 @@ def test_bad_input_fails_with_a_clear_error_and_the_queue_goes_on(db, fast_cfg, 
 
 
 def test_smtp_auth_failure_backs_off_the_account_then_rearms(db, fast_cfg, workers):
-    """A refused login sets the SMTP auth error (not IMAP's), defers all the account's mail,
-    claims nothing more, lets other accounts send, and new credentials send it all at once."""
+    """A refused login backs off the account's SMTP only; new credentials send it all at once."""
     with SmtpSink(auth=("me@example.com", "right-pw")) as sink:
         acntid = smtp_account(db, sink, smtp_login="me@example.com", smtp_password="wrong-pw",
                               imap_host="127.0.0.1")
@@ -286,8 +285,7 @@ def test_implicit_tls(db, make_cfg, db_dsn, tmp_path, workers):
 
 
 def test_one_session_serves_consecutive_messages_of_an_account(db, fast_cfg, smtp_sink):
-    """The worker keeps the account's SMTP session for the next message, and replaces it for
-    another account."""
+    """One SMTP session serves an account's consecutive messages; another account gets its own."""
     first = accounts.get(db, smtp_account(db, smtp_sink))
     second = accounts.get(db, smtp_account(db, smtp_sink, email="two@example.com"))
     worker = SendWorker(fast_cfg, 9, lambda *a: None, lambda: False, "test")
@@ -307,8 +305,7 @@ def test_one_session_serves_consecutive_messages_of_an_account(db, fast_cfg, smt
 
 
 def test_smtp_auth_backoff_ends_after_auth_error_retry(db, make_cfg, db_dsn, workers):
-    """Once sync.auth_error_retry has passed, the account's messages are tried again (and
-    deferred again while the password stays wrong): the backoff is a pause, not an end."""
+    """After sync.auth_error_retry the account's messages are tried again: a pause, not an end."""
     cfg = make_cfg(db_dsn, outbox__poll_interval=1, sync__auth_error_retry=2)
     with SmtpSink(auth=("me@example.com", "right-pw")) as sink:
         acntid = smtp_account(db, sink, smtp_login="me@example.com", smtp_password="wrong-pw")

@@ -61,8 +61,7 @@ def external(message_id: str) -> bytes:
 
 def test_sent_copy_is_filed_and_the_next_sync_does_not_store_it_twice(
         db, cfg, smtp_sink, imap_account, mailbox, workers):
-    """APPEND with \\Seen to Sent; the row links the local copy, stored at once; a sync after
-    that stores nothing more."""
+    """The copy is in Sent with \\Seen, linked and stored locally; the next sync adds nothing."""
     mailbox.create_folder("Sent")
     acntid = both_account(db, smtp_sink, imap_account)
     assert sync_sent(db, cfg, acntid) == 0
@@ -118,8 +117,7 @@ def test_a_missing_sent_folder_is_created(db, cfg, smtp_sink, imap_account, mail
 
 
 def test_a_failure_to_file_never_sends_again(db, cfg, smtp_sink, workers):
-    """The IMAP server is unreachable: the message is sent once, stays sent, and the log says
-    it could not be filed."""
+    """An unreachable IMAP server: sent once, stays sent, and the log says it was not filed."""
     acntid = smtp_account(db, smtp_sink, imap_host="127.0.0.1", imap_port=free_port(),
                           imap_security="plain", imap_login="me", imap_password="pw")
     workers.start(cfg)
@@ -190,8 +188,7 @@ def test_without_uidplus_the_copy_is_found_by_message_id(db, cfg, imap_account, 
 
 def test_sent_but_not_recorded_is_found_in_sent_not_resent(db, make_cfg, db_dsn, smtp_sink,
                                                            imap_account, mailbox, workers):
-    """PostgreSQL refuses 'sent' after the server's 250: the row stays sending, the copy is
-    filed anyway, and once the claim expires the message is marked sent, not sent again."""
+    """PostgreSQL refuses 'sent' after the 250: filed anyway, then found in Sent, not resent."""
     cfg = make_cfg(db_dsn, outbox__claim_timeout=2, outbox__poll_interval=1,
                    outbox__socket_timeout=5, sync__socket_timeout=5)
     mailbox.create_folder("Sent")
