@@ -219,6 +219,7 @@ class Master:
 
     def spawn_worker(self, slot: int, role: ProcessRole) -> None:
         process = make_process(role, self.cfg, slot, self.log_stderr)
+        self.statedb.close()  # no SQLite connection across fork(); reopened at next use
         pid = os.fork()
         if pid == 0:
             self._close_master_fds()
@@ -233,7 +234,6 @@ class Master:
         signal.set_wakeup_fd(-1)
         for fd in (self._pipe_r, self._pipe_w, self.pidfile.fd):
             os.close(fd)
-        self.statedb.close_after_fork()
 
     def reap_workers(self) -> None:
         """Collect exited children; decide when their slot may be respawned."""
@@ -289,6 +289,7 @@ class Master:
     def diagnose_blocking(self, backend_pid: int, name: str) -> None:
         """Log which PostgreSQL backends block ``backend_pid``, from a short-lived child:
         the master itself never connects to PostgreSQL."""
+        self.statedb.close()
         pid = os.fork()
         if pid == 0:
             self._close_master_fds()

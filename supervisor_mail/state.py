@@ -5,7 +5,9 @@ slices (``tasks``), one heartbeat row a process (``heartbeats``) and the master'
 facts (``engine``) — so deleting it loses nothing. That is what makes the
 watchdog's automatic reset safe.
 
-Each process opens its own connection after the fork. Statements are single and
+Each process opens its own connection after the fork, and the master holds none
+while it forks: SQLite's per-process lock bookkeeping, copied into a child, would
+make the child's own connections misjudge their locks. Statements are single and
 short, with a busy timeout, so fifteen processes share the file without
 "database is locked" reaching anyone. Ages are measured on ``time.monotonic()``,
 which on Linux is one clock for every process of the host and never jumps.
@@ -27,7 +29,7 @@ MASTER_SLOT = -1
 PLANNER_SLOT = -2
 BUSY_TIMEOUT = 5.0  # seconds a statement waits for another process's write
 SCHEMA_VERSION = 2  # PRAGMA user_version; a file of another version is rebuilt, not migrated
-_INHERITED: list[sqlite3.Connection] = []  # see StateDB.close_after_fork
+_ABANDONED: list[sqlite3.Connection] = []  # see StateDB.conn: never closed, never used
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -205,7 +207,14 @@ class StateDB:
 
     @property
     def conn(self) -> sqlite3.Connection:
-        if self._conn is None or self._replaced():
+        if self._conn is not None and self._replaced():
+            # The file was deleted or recreated under us (a reset, a wiped tmpfs). Closing
+            # this connection now would make SQLite, believing it held the last one,
+            # checkpoint and unlink "<db>-wal" and "<db>-shm" by name: the new file's,
+            # which other processes are writing. So it is dropped unclosed.
+            _ABANDONED.append(self._conn)
+            self._conn = None
+        if self._conn is None:
             self.open()
         assert self._conn is not None
         return self._conn
@@ -256,17 +265,6 @@ class StateDB:
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
-            self._conn = None
-
-    def close_after_fork(self) -> None:
-        """In a forked child: forget the parent's connection without closing it.
-
-        Closing it here could make SQLite believe the child held the last
-        connection and checkpoint or remove the WAL under the parent; the child
-        leaves by ``os._exit``, so the descriptor is simply never used again.
-        """
-        if self._conn is not None:
-            _INHERITED.append(self._conn)
             self._conn = None
 
     # --- heartbeats ---------------------------------------------------------------

@@ -118,3 +118,31 @@ def test_a_file_of_another_version_is_rebuilt(tmp_path):
     db = StateDB(path)
     db.beat(0, "sync", 5, "idle", 0, done=3)
     assert [(hb.slot, hb.done) for hb in db.heartbeats()] == [(0, 3)]
+
+
+def test_writers_forked_the_way_the_master_forks_lose_nothing(tmp_path):
+    """The master closes its connection before each fork and reopens after: children beating
+    hard while the parent reads and closes lose no write and corrupt nothing."""
+    path = str(tmp_path / "h.db")
+    parent = StateDB(path)
+    parent.beat(-1, "master", os.getpid(), "running", 0)
+    children = []
+    for slot in (2, 3):
+        parent.close()  # as Master.spawn_worker does
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                child = StateDB(path)
+                for n in range(3000):
+                    child.beat(slot, "send", os.getpid(), "idle", n)
+            except Exception:
+                code = 1
+            os._exit(code)
+        children.append(pid)
+    for _ in range(30):
+        parent.heartbeats()
+        parent.close()
+    assert [os.waitpid(pid, 0)[1] for pid in children] == [0, 0]
+    final = {hb.slot: hb.progress for hb in StateDB(path).heartbeats()}
+    assert final == {-1: 0, 2: 2999, 3: 2999}
