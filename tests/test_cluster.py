@@ -72,8 +72,7 @@ class Model:
 
 @pytest.mark.parametrize("seed", range(5))
 def test_hosts_joining_one_by_one_settle_at_the_fair_share_and_stay_there(seed):
-    """40 accounts, hosts joining one at a time: each join settles within a few rounds at
-    shares no host exceeds, and a settled cluster moves nothing in later rounds."""
+    """Hosts joining one by one settle at the fair shares within 3 rounds, then move nothing."""
     model = Model(40, seed)
     expected = {1: [40], 2: [20, 20], 3: [12, 14, 14], 4: [10, 10, 10, 10]}
     for n, host in enumerate("abcd", 1):
@@ -88,8 +87,7 @@ def test_hosts_joining_one_by_one_settle_at_the_fair_share_and_stay_there(seed):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_the_accounts_of_a_host_gone_move_to_the_others_at_once(seed):
-    """A host that stops beating: the survivors take all its accounts in the next round
-    and settle at their new share."""
+    """A host gone: the survivors take all its accounts at once and settle at 20 each."""
     model = Model(40, seed)
     model.hosts += ["a", "b", "c"]
     model.settle()
@@ -109,8 +107,7 @@ def test_id_ranges_compacts_runs():
 
 
 def test_render_cluster_shows_hosts_leases_and_moves():
-    """The text of status --cluster: every host with its heartbeat age, state, leases and
-    accounts, the accounts no host holds, and the moves with where they came from."""
+    """status --cluster's text: hosts with heartbeat, state, leases; unleased; moves."""
     now = 1_700_000_000.0
     data = {"version": 1, "host_id": "mail-a", "generated_at": now, "lease_ttl": 60,
             "hosts": [{"host_id": "mail-a", "hostname": "a.example.org", "pid": 4711,

@@ -156,10 +156,7 @@ def assert_one_host_at_a_time(db, imap_server, mail) -> None:
 
 
 def test_two_hosts_split_the_accounts_and_a_third_gets_its_share(hosts, db, imap_server, mail):
-    """A host alone holds every account; a second joins and the first gives up half; a
-    third joins and the others give up what is above the new fair share (14), so it gets
-    the other 12, after which nothing moves; status --cluster shows all three; each host
-    synchronizes exactly the accounts it holds."""
+    """Shares go 40, 20/20, 14/14/12 as hosts join, then hold still; each syncs its own."""
     mail.add_accounts()
     a, b, c = hosts("host-a"), hosts("host-b"), hosts("host-c")
     a.start()
@@ -232,9 +229,7 @@ def queue(db, acntid: int, numbers: range) -> None:
 
 def test_a_sigkilled_host_hands_its_accounts_over_within_the_bound(hosts, db, imap_server, mail,
                                                                      smtp_sink):
-    """SIGKILL of one host's whole process group in the middle of the sync: the survivor
-    holds every account within lease_ttl and a pass, commits the dead host's accounts'
-    remaining mail, and goes on delivering; nothing is stored or sent twice."""
+    """A host's process group SIGKILLed mid-sync: the other takes all within the bound."""
     outbox = smtp_account(db, smtp_sink)  # SMTP only: it needs no lease
     queue(db, outbox, range(5))
     a, b = start_sharing(hosts, db, mail)
@@ -267,9 +262,7 @@ def test_a_sigkilled_host_hands_its_accounts_over_within_the_bound(hosts, db, im
 @pytest.mark.parametrize("imap_server", [FIRST_SERVER], indirect=True)
 def test_a_host_cut_off_from_postgresql_loses_its_leases_and_is_fenced(hosts, db, db_dsn,
                                                                        imap_server, mail):
-    """host-a reaches PostgreSQL through a proxy that is cut while it syncs: host-b holds
-    every account within lease_ttl and a pass; when the cut heals, host-a's batch in
-    flight commits nothing (refused by the fence), then the two share the accounts again."""
+    """A host cut off from PostgreSQL loses its leases; healed, its stale batch is refused."""
     with CutProxy(db_dsn) as proxy:
         a, b = start_sharing(hosts, db, mail, dsn=proxy.dsn)
         assert len(mail.pending(leases(db)["host-a"])) >= 5, \
@@ -304,8 +297,7 @@ def test_a_host_cut_off_from_postgresql_loses_its_leases_and_is_fenced(hosts, db
 
 
 def test_a_second_engine_with_a_live_host_id_refuses_to_start(hosts, db):
-    """Two engines with one host_id on one database: the second stops at once with one
-    line naming the host_id and the fix; the first goes on."""
+    """A second engine with a live host_id halts with one line naming it and the fix."""
     first = hosts("host-a").start()
     wait(lambda: db.execute("SELECT count(*) FROM email_cluster_hosts").fetchone()[0], 10,
          "host-a registered", first)
