@@ -15,12 +15,12 @@ lease_ttl and a planning pass. One host alone is a cluster of one and holds them
 
 A sync worker holds a ``Fence`` for the account it works on: the lease's generation and
 a deadline on its own clock ahead of the lease's expiry on the database's clock. Each
-batch commit rechecks the generation at the end of the batch's own transaction
-(``Fence.hold``) and records the batch (``Fence.record``); the IMAP session is used only
-before the deadline
-and is cut by a guard thread when the deadline passes while the worker is stuck
-elsewhere (PostgreSQL unreachable), so the IMAP server never sees two hosts on one
-account, and a host that comes back from a pause can never commit over the new owner.
+batch rechecks the generation at the end of its own transaction (``Fence.hold``) and
+is recorded with it (``Fence.record``), so a host that comes back from a pause or a cut
+can never commit over the new holder. The IMAP session is used only before the
+deadline, and a guard thread cuts it when the deadline passes while the worker is stuck
+elsewhere (PostgreSQL unreachable), so the IMAP server never sees two hosts
+synchronizing one account.
 
 Delivery takes no lease: send workers claim outbox rows with SKIP LOCKED on any host.
 """
@@ -143,7 +143,7 @@ class Standing:
     accounts: int       # accounts that need a lease
     share: int          # fair_share(accounts, hosts)
     held: int           # live leases held before this pass's claims and releases
-    renewed: int
+    renewed: int        # of those, renewed this pass
     claimed: list[Claimed] = field(default_factory=list)
     released: list[int] = field(default_factory=list)
 
@@ -173,12 +173,22 @@ SELECT EXISTS (SELECT FROM up), p.instance, p.hostname, p.pid, p.age,
        (SELECT count(*) FROM handover)
 FROM (VALUES (1)) one LEFT JOIN prev p ON true"""
 
+# One scan: live hosts, accounts needing a lease, those this host holds, and accounts
+# without a lease row at all (inserted while triggers were off, as a restore or a replica
+# may do: they would never be synchronized).
 _STANDING = f"""
 SELECT (SELECT count(*) FROM email_cluster_hosts h WHERE {_LIVE_HOST}),
-       (SELECT count(*) FROM email_accounts a WHERE {ELIGIBLE}),
-       (SELECT count(*) FROM email_account_leases l JOIN email_accounts a USING (acntid)
-        WHERE {ELIGIBLE} AND l.host_id = %(host)s AND NOT l.releasing
-          AND l.expires_at > now())"""
+       count(*) FILTER (WHERE {ELIGIBLE}),
+       count(*) FILTER (WHERE {ELIGIBLE} AND l.host_id = %(host)s AND NOT l.releasing
+                          AND l.expires_at > now()),
+       count(*) FILTER (WHERE l.acntid IS NULL)
+FROM email_accounts a LEFT JOIN email_account_leases l USING (acntid)"""
+
+_ADD_MISSING = """
+INSERT INTO email_account_leases (acntid)
+SELECT a.acntid FROM email_accounts a LEFT JOIN email_account_leases l USING (acntid)
+WHERE l.acntid IS NULL
+ON CONFLICT DO NOTHING"""
 
 _RENEW = f"""
 UPDATE email_account_leases l SET expires_at = now() + make_interval(secs => %(ttl)s)
@@ -236,7 +246,10 @@ def take_part(conn: psycopg.Connection, member: Member,
     """
     register(conn, member)
     params = {"host": member.host_id, "ttl": member.lease_ttl, "keep": 1 - RENEW_AFTER}
-    hosts, accounts, held = conn.execute(_STANDING, params).fetchone()
+    hosts, accounts, held, missing = conn.execute(_STANDING, params).fetchone()
+    if missing:
+        added = conn.execute(_ADD_MISSING).rowcount
+        log.warning("%d accounts had no lease row (inserted with triggers off?): added", added)
     renewed = conn.execute(_RENEW, params).rowcount
     share = fair_share(accounts, hosts)
     claim, give_up = rebalance(held, share)

@@ -8,6 +8,7 @@ twice and no outbox message is sent twice."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -192,6 +193,10 @@ def test_two_hosts_split_the_accounts_and_a_third_gets_its_share(hosts, db, imap
     assert [rows[h][rows[h].index("live") + 1] for h in sorted(rows)] == \
         [str(len(held[h])) for h in sorted(rows)]
     assert "none: every account is held" in result.stdout
+    as_json = json.loads(c.command("status", "--cluster", "--json").stdout)
+    assert {h["host_id"]: set(h["accounts"]) for h in as_json["hosts"]} == held
+    assert all(h["live"] and h["heartbeat_age"] < LEASE_TTL for h in as_json["hosts"])
+    assert as_json["unleased"] == [] and len(as_json["moves"]) == 20
     for engine in (a, b, c):
         engine.stop()
     assert_one_host_at_a_time(db, imap_server, mail)

@@ -55,6 +55,15 @@ def test_a_host_alone_claims_every_account_and_a_second_gets_half(db, cfg):
     assert all(not s.claimed and not s.released for s in settled)
 
 
+def test_an_account_without_a_lease_row_gets_one(db, cfg):
+    """An account inserted while triggers were off is still claimed by the next pass."""
+    db.execute("SET session_replication_role = replica")
+    acntid, = add_accounts(db, 1)
+    db.execute("RESET session_replication_role")
+    assert db.execute("SELECT count(*) FROM email_account_leases").fetchone() == (0,)
+    assert [c.acntid for c in cluster.take_part(db, member(cfg, "a")).claimed] == [acntid]
+
+
 def test_leases_are_renewed_once_a_third_of_lease_ttl_has_passed(db, cfg):
     """Only a lease with less than two thirds of lease_ttl left is renewed, same generation."""
     acntid, = add_accounts(db, 1)
