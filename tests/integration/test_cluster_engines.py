@@ -156,9 +156,11 @@ def assert_one_host_at_a_time(db, imap_server, mail) -> None:
     assert cluster_check.stored_twice(db) == 0
 
 
-def test_two_hosts_split_the_accounts_and_a_third_gets_its_share(hosts, db, imap_server, mail):
+def test_two_hosts_split_the_accounts_and_a_third_gets_its_share(hosts, db, imap_server, mail,
+                                                                 smtp_sink):
     """Shares go 40, 20/20, 14/14/12 as hosts join, then hold still; each syncs its own."""
     mail.add_accounts()
+    outbox = smtp_account(db, smtp_sink)
     a, b, c = hosts("host-a"), hosts("host-b"), hosts("host-c")
     a.start()
     wait(lambda: shares(db) == {"host-a": ACCOUNTS}, 10, "host-a alone holding all", a)
@@ -171,6 +173,7 @@ def test_two_hosts_split_the_accounts_and_a_third_gets_its_share(hosts, db, imap
     held, settled = leases(db), moves(db)
     assert len(held["host-c"]) == 12 and set().union(*held.values()) == set(mail)
     assert settled == ACCOUNTS + 20 + 12  # a took all, gave b half, a and b gave c 12
+    queue(db, outbox, range(10))  # three hosts' send workers race for them
 
     # Every folder due again: each host syncs exactly the accounts it holds, and over
     # more than a lease_ttl of renewals nothing moves.
@@ -193,6 +196,7 @@ def test_two_hosts_split_the_accounts_and_a_third_gets_its_share(hosts, db, imap
     assert [rows[h][rows[h].index("live") + 1] for h in sorted(rows)] == \
         [str(len(held[h])) for h in sorted(rows)]
     assert "none: every account is held" in result.stdout
+    assert smtp_sink.wait_for(10, timeout=20)
     as_json = json.loads(c.command("status", "--cluster", "--json").stdout)
     assert {h["host_id"]: set(h["accounts"]) for h in as_json["hosts"]} == held
     assert all(h["live"] and h["heartbeat_age"] < LEASE_TTL for h in as_json["hosts"])
@@ -200,6 +204,7 @@ def test_two_hosts_split_the_accounts_and_a_third_gets_its_share(hosts, db, imap
     for engine in (a, b, c):
         engine.stop()
     assert_one_host_at_a_time(db, imap_server, mail)
+    assert sorted(Counter(message_ids(smtp_sink)).values()) == [1] * 10
 
 
 def synced_accounts(engine: Engine, since: float) -> set[int]:
@@ -266,10 +271,14 @@ def test_a_sigkilled_host_hands_its_accounts_over_within_the_bound(hosts, db, im
 
 @pytest.mark.parametrize("imap_server", [FIRST_SERVER], indirect=True)
 def test_a_host_cut_off_from_postgresql_loses_its_leases_and_is_fenced(hosts, db, db_dsn,
-                                                                       imap_server, mail):
+                                                                       imap_server, mail,
+                                                                       smtp_sink):
     """A host cut off from PostgreSQL loses its leases; healed, its stale batch is refused."""
+    outbox = smtp_account(db, smtp_sink)
     with CutProxy(db_dsn) as proxy:
         a, b = start_sharing(hosts, db, mail, dsn=proxy.dsn)
+        queue(db, outbox, range(5))
+        assert smtp_sink.wait_for(5, timeout=20)
         assert len(mail.pending(leases(db)["host-a"])) >= 5, \
             "host-a had nearly finished before the cut: more mail is needed"
         # cut while each sync worker of host-a is between FETCH and commit, batch in hand
@@ -280,7 +289,8 @@ def test_a_host_cut_off_from_postgresql_loses_its_leases_and_is_fenced(hosts, db
         took_over = wait(lambda: shares(db) == {"host-b": ACCOUNTS} and time.time(),
                          TAKEOVER_BOUND + 2, "host-b holding all", b) - cut
         assert took_over <= TAKEOVER_BOUND, took_over
-        time.sleep(1)
+        queue(db, outbox, range(5, 10))  # host-b delivers them, host-a cannot claim any
+        assert smtp_sink.wait_for(10, timeout=20)
         proxy.heal()
         refused = wait(lambda: [line for line in a.info_lines() if "refused: host host-a no "
                                 "longer holds the lease" in line], 30, "the stale batch refused",
@@ -294,6 +304,7 @@ def test_a_host_cut_off_from_postgresql_loses_its_leases_and_is_fenced(hosts, db
         a.stop()
         b.stop()
     assert_one_host_at_a_time(db, imap_server, mail)
+    assert sorted(Counter(message_ids(smtp_sink)).values()) == [1] * 10
     late = db.execute("SELECT count(*) FROM email_sync_batches s JOIN email_lease_moves m"
                       " ON m.acntid = s.acntid AND m.to_host = 'host-b'"
                       " WHERE s.host_id = 'host-a' AND s.generation < m.generation"
