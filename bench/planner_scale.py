@@ -22,24 +22,22 @@ queries_1k=<n>``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import random
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from supervisor_mail import config, planner, store  # noqa: E402
+from supervisor_mail.embedded.postgres import admin_server, scratch_database  # noqa: E402
 from supervisor_mail.state import StateDB  # noqa: E402
 
 FOLDERS_PER_ACCOUNT = 10
@@ -49,38 +47,6 @@ RAMDISK = "/dev/shm"
 # Measured on this machine when the issue was written (issue 5, point 9).
 BASELINE = {"bare_ms": "8-10 ms for a bare SELECT of ~1,900 due hi folders",
             "sqlite_ms": "2 ms for writing those into SQLite"}
-
-
-@contextlib.contextmanager
-def postgres_server() -> Iterator[str]:
-    """An admin DSN: $TEST_DATABASE_DSN's server, else a throwaway embedded one."""
-    dsn = os.environ.get("TEST_DATABASE_DSN")
-    if dsn:
-        yield dsn
-        return
-    from supervisor_mail.embedded.postgres import EmbeddedPostgres
-
-    with EmbeddedPostgres() as pg:
-        yield pg.dsn("postgres")
-
-
-@contextlib.contextmanager
-def database(admin_dsn: str, label: str) -> Iterator[str]:
-    """A fresh migrated database, dropped afterwards."""
-    name = f"planner_scale_{os.getpid()}_{label}"
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(name)))
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    dsn = make_conninfo(admin_dsn, dbname=name)
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            store.initdb(conn)
-        yield dsn
-    finally:
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
 
 
 def fill(dsn: str, n_accounts: int, cfg: config.Config, now: float, seed: int = 5) -> None:
@@ -273,15 +239,15 @@ def main() -> int:
     print(f"state DB on {ramdisk or tempfile.gettempdir()} "
           f"({'tmpfs' if ramdisk else 'no tmpfs found'})")
     with tempfile.TemporaryDirectory(prefix="planner_scale-", dir=ramdisk) as tmp, \
-            postgres_server() as admin_dsn:
-        with database(admin_dsn, "big") as dsn:
+            admin_server() as admin_dsn:
+        with scratch_database(admin_dsn, f"planner_scale_{os.getpid()}_big") as dsn:
             cfg = bench_config(dsn, os.path.join(tmp, "big"))
             started = time.monotonic()
             fill(dsn, args.accounts, cfg, now)
             print(f"filled {args.accounts} accounts, {folders} folders "
                   f"in {time.monotonic() - started:.1f}s")
             big = measure(cfg, now)
-        with database(admin_dsn, "small") as dsn:
+        with scratch_database(admin_dsn, f"planner_scale_{os.getpid()}_small") as dsn:
             cfg_small = bench_config(dsn, os.path.join(tmp, "small"))
             fill(dsn, args.small, cfg_small, now)
             queries_small = count_statements(cfg_small, now)

@@ -39,14 +39,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
-from psycopg.conninfo import make_conninfo
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from supervisor_mail import accounts, config, store  # noqa: E402
+from supervisor_mail import accounts  # noqa: E402
 from supervisor_mail.embedded.engine import Engine  # noqa: E402
 from supervisor_mail.embedded.imap import available_servers, make_server  # noqa: E402
 from supervisor_mail.embedded.imap_admin import Mailbox  # noqa: E402
+from supervisor_mail.embedded.postgres import admin_server, scratch_database  # noqa: E402
 from supervisor_mail.embedded.smtp import SmtpSink  # noqa: E402
 
 TIMEOUTS = {"watchdog__worker_timeout": 3, "watchdog__kill_grace": 1,
@@ -66,28 +66,9 @@ def message(tag: str, n: int) -> bytes:
 @contextlib.contextmanager
 def database() -> Iterator[str]:
     """A fresh database with the schema: on TEST_DATABASE_DSN's server, or embedded."""
-    dsn = os.environ.get("TEST_DATABASE_DSN")
-    if dsn:
-        name = f"sm_bench_recovery_{os.getpid()}"
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield migrated(make_conninfo(dsn, dbname=name))
-        finally:
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        return
-    from supervisor_mail.embedded.postgres import EmbeddedPostgres
-
-    with EmbeddedPostgres() as pg:
-        yield migrated(pg.dsn())
-
-
-def migrated(dsn: str) -> str:
-    cfg = config.Config({**{s.name: s.default for s in config.SETTINGS}, "database.dsn": dsn})
-    with store.connect(cfg, "bench") as conn:
-        store.initdb(conn)
-    return dsn
+    with admin_server() as admin, \
+            scratch_database(admin, f"sm_bench_recovery_{os.getpid()}") as dsn:
+        yield dsn
 
 
 def stored(conn: psycopg.Connection, acntid: int) -> int:

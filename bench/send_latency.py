@@ -40,12 +40,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
-from psycopg.conninfo import make_conninfo
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from supervisor_mail import accounts, config, store, worker  # noqa: E402
 from supervisor_mail.embedded.engine import FAST, Engine  # noqa: E402
+from supervisor_mail.embedded.postgres import admin_server, scratch_database  # noqa: E402
 from supervisor_mail.embedded.smtp import SmtpSink  # noqa: E402
 from supervisor_mail.state import StateDB  # noqa: E402
 from supervisor_mail.states import ProcessRole  # noqa: E402
@@ -62,22 +62,11 @@ _MESSAGE_ID = re.compile(rb"^Message-ID: (<[^>]+>)", re.IGNORECASE | re.MULTILIN
 
 @contextlib.contextmanager
 def database() -> Iterator[str]:
-    """A DSN of a fresh database with the schema: on $TEST_DATABASE_DSN's server, else on a
-    throwaway embedded one."""
-    admin = os.environ.get("TEST_DATABASE_DSN")
-    with contextlib.ExitStack() as stack:
-        if not admin:
-            from supervisor_mail.embedded.postgres import EmbeddedPostgres
-
-            admin = stack.enter_context(EmbeddedPostgres()).dsn("postgres")
-        name = f"send_latency_{os.getpid()}"
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield make_conninfo(admin, dbname=name)
-        finally:
-            with psycopg.connect(admin, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    """A DSN of a fresh database (the schema is applied by the caller): on
+    $TEST_DATABASE_DSN's server, else on a throwaway embedded one."""
+    with admin_server() as admin, \
+            scratch_database(admin, f"send_latency_{os.getpid()}", schema=False) as dsn:
+        yield dsn
 
 
 def start_engine(cfg: config.Config, root: str) -> Callable[[], None]:

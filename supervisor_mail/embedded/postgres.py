@@ -7,10 +7,17 @@ socket inside its data directory only, so it never collides with another on a po
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from supervisor_mail import store
 
 
 class EmbeddedPostgres:
@@ -53,3 +60,34 @@ class EmbeddedPostgres:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def admin_server() -> Iterator[str]:
+    """A DSN allowed to create databases: ``$TEST_DATABASE_DSN``'s server when it is set,
+    else a throwaway embedded server (benchmarks use this; the tests have a fixture)."""
+    dsn = os.environ.get("TEST_DATABASE_DSN")
+    if dsn:
+        yield dsn
+        return
+    with EmbeddedPostgres() as pg:
+        yield pg.dsn("postgres")
+
+
+@contextlib.contextmanager
+def scratch_database(admin_dsn: str, name: str, schema: bool = True) -> Iterator[str]:
+    """A fresh database ``name`` on that server, with the engine's schema unless told
+    otherwise; dropped afterwards."""
+    drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(drop)
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = make_conninfo(admin_dsn, dbname=name)
+    try:
+        if schema:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                store.initdb(conn)
+        yield dsn
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(drop)
