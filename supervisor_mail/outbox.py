@@ -102,6 +102,17 @@ def claim(conn: psycopg.Connection, name: str, claim_timeout: int, auth_error_re
         return cur.fetchone()
 
 
+def release(conn: psycopg.Connection, emobids: list[int], name: str) -> int:
+    """Give back claims of ``name`` that never reached the SMTP server (the database failed
+    between the claim and the delivery), so they go out now, not after claim_timeout."""
+    return conn.execute("""
+        UPDATE email_outbox
+        SET state = 'queued', claimed_by = NULL, claimed_at = NULL, next_attempt_at = now(),
+            attempts = greatest(attempts - 1, 0)
+        WHERE emobid = ANY (%s) AND state = 'sending' AND claimed_by = %s""",
+                        (emobids, name)).rowcount
+
+
 def set_message_id(conn: psycopg.Connection, emobid: int, message_id: str) -> None:
     """Store the Message-ID before the first attempt, so every resend carries the same one."""
     conn.execute("UPDATE email_outbox SET message_id = %s WHERE emobid = %s",

@@ -44,6 +44,9 @@ log = logging.getLogger("supervisor_mail.outbox")
 WAIT_SLICE = 1.0      # seconds; longest wait on LISTEN between beats and stop checks
 SESSION_IDLE = 10.0   # seconds an unused SMTP or IMAP session is kept open
 HANDOFF = 0.05        # seconds a new row waits for its own worker before the others look
+# Claims this process holds that never reached the SMTP server, kept across the restarts
+# of the loop after a database error so the next loop gives them back first.
+UNSENT: set[int] = set()
 
 
 class SendWorker:
@@ -63,12 +66,16 @@ class SendWorker:
         self.sent_folder: SentFolder | None = None
         self.statedb = StateDB.for_config(cfg)  # the metrics counters; opened at first use
         self._last_used = time.monotonic()
+        self.reached_smtp = False
 
     def run(self) -> None:
         """Open this process's own connections, then work until ``should_stop()``."""
         self.listener = store.connect(self.cfg, "send listen", self.slot)
         self.listener.execute(f"LISTEN {outbox.CHANNEL}")
         self.conn = store.connect(self.cfg, "send", self.slot)
+        if UNSENT:
+            outbox.release(self.conn, sorted(UNSENT), self.name)
+            UNSENT.clear()
         try:
             self.loop()
         finally:
@@ -127,10 +134,16 @@ class SendWorker:
                                self.smtp.key[0] if self.smtp else None)
             if row is None:
                 return
+            self.reached_smtp = False
             try:
                 self.handle(row)
             except psycopg.OperationalError:
-                raise  # the database is gone: the engine restarts this process
+                # The database is gone or locked: the loop is restarted. A claim that never
+                # reached the SMTP server is given back then (a sent one waits for
+                # claim_timeout and the Sent-folder check, so it is never sent twice).
+                if not self.reached_smtp:
+                    UNSENT.add(row.emobid)
+                raise
             except Exception as exc:  # a bug must not stop the queue: defer and go on
                 log.exception("outbox message %d: internal error, deferred", row.emobid,
                               extra=where(row.acntid))
@@ -151,6 +164,7 @@ class SendWorker:
         if row.interrupted and account.has_imap and self.found_in_sent(row, account, out):
             return
         started = time.monotonic()
+        self.reached_smtp = True
         try:
             delivery = self.transmit(account, out)
         except AuthError as exc:
