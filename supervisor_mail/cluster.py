@@ -107,6 +107,20 @@ def ran_here_and_ended(instance: str) -> bool:
     return not parts[2].isdigit() or _start_ticks(int(parts[2])) != parts[3]
 
 
+def group_gone(pid: int) -> bool:
+    """True when no process is left in the process group ``pid`` led: a master's workers
+    stay in its group (the engine's own start, supervisord and systemd all start it as a
+    group leader), so none of them can be left running. A pid reused as another group's
+    leader reads as not gone, which only costs waiting for the leases to lapse."""
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # there, another user's
+    return False
+
+
 @dataclass(frozen=True)
 class Member:
     """This host as the planner registers it: its host_id, the master's instance and pid,
@@ -162,11 +176,16 @@ up AS (
         started_at = CASE WHEN h.instance = EXCLUDED.instance THEN h.started_at ELSE now() END
     WHERE h.instance = EXCLUDED.instance OR %(force)s OR NOT ({_LIVE_HOST})
     RETURNING 1),
--- A new instance under this host_id: what the last one held lapses and is claimed anew,
--- with a new generation, so none of its workers left behind can commit under it.
+-- A new instance under this host_id takes over what the last one held: at once under
+-- new generations when that run and all its processes are known to be gone (adopt),
+-- else by letting it lapse, to be claimed anew; either way none of the last run's
+-- workers can commit under it any more.
 handover AS (
-    UPDATE email_account_leases SET releasing = true
-    WHERE host_id = %(host)s AND NOT releasing AND expires_at > now()
+    UPDATE email_account_leases
+    SET releasing = NOT %(adopt)s,
+        generation = generation + CASE WHEN %(adopt)s THEN 1 ELSE 0 END,
+        acquired_at = CASE WHEN %(adopt)s THEN now() ELSE acquired_at END
+    WHERE host_id = %(host)s AND expires_at > now() AND (%(adopt)s OR NOT releasing)
       AND EXISTS (SELECT FROM up) AND EXISTS (SELECT FROM prev WHERE instance <> %(instance)s)
     RETURNING 1)
 SELECT EXISTS (SELECT FROM up), p.instance, p.hostname, p.pid, p.age,
@@ -267,26 +286,32 @@ def register(conn: psycopg.Connection, member: Member) -> None:
 
     Refused, with a HostConflictError, while another instance of this host_id beats:
     unless that instance ran on this machine and its master is gone (an engine
-    restarted at once after a crash or a stop).
+    restarted at once after a crash or a stop); its leases then go on under new
+    generations, or lapse first if a process of its group may still run.
     """
-    ok, instance, hostname, pid, age, handed_over = _upsert(conn, member, force=False)
+    ok, instance, hostname, pid, age, handed_over = _upsert(conn, member, False, False)
+    adopt = False
     if not ok and instance and ran_here_and_ended(instance):
-        ok, _, _, _, _, handed_over = _upsert(conn, member, force=True)
+        adopt = group_gone(pid)
+        ok, _, _, _, _, handed_over = _upsert(conn, member, True, adopt)
     if not ok:
         raise HostConflictError(
             f"host_id {member.host_id!r} is in use by a live engine on this database "
             f"(master pid {pid} on {hostname}, heartbeat {age:.0f}s ago): give every host "
             "its own [engine] host_id")
-    if handed_over:
+    if handed_over and adopt:
+        log.info("host %s restarted, its previous run gone: its %d leases go on under new "
+                 "generations", member.host_id, handed_over)
+    elif handed_over:
         log.info("host %s starts anew: the %d leases of its previous run lapse and are "
                  "claimed again", member.host_id, handed_over)
 
 
-def _upsert(conn: psycopg.Connection, member: Member, force: bool) -> tuple:
+def _upsert(conn: psycopg.Connection, member: Member, force: bool, adopt: bool) -> tuple:
     return conn.execute(_REGISTER, {
         "host": member.host_id, "instance": member.instance, "hostname": socket.gethostname(),
         "pid": member.pid, "version": __version__, "ttl": member.lease_ttl,
-        "force": force}).fetchone()
+        "force": force, "adopt": adopt}).fetchone()
 
 
 def _log_changes(member: Member, standing: Standing) -> None:

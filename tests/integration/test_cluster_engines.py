@@ -329,3 +329,21 @@ def test_a_second_engine_with_a_live_host_id_refuses_to_start(hosts, db):
                         r"own \[engine\] host_id\n", result.stderr), result.stderr
     assert first.proc.poll() is None
     assert db.execute("SELECT pid FROM email_cluster_hosts").fetchall() == [(first.master_pid,)]
+
+
+def test_a_host_restarted_goes_on_with_its_leases_at_once(hosts, db):
+    """Stopped and started again, a host takes its leases back at once, new generations."""
+    for n in range(3):  # no IMAP server behind them: only the leases matter here
+        accounts.add(db, email=f"r{n}@example.org", imap_host="127.0.0.1", imap_port=1,
+                     imap_security="plain", imap_login="r", imap_password="r")
+    engine = hosts("host-a").start()
+    wait(lambda: shares(db) == {"host-a": 3}, 10, "the leases taken", engine)
+    engine.stop()
+    engine.start()
+    started = time.monotonic()
+    wait(lambda: db.execute("SELECT count(*) FROM email_account_leases WHERE host_id = 'host-a'"
+                            " AND generation = 2 AND NOT releasing").fetchone()[0] == 3, 10,
+         "the leases under new generations", engine)
+    assert time.monotonic() - started < LEASE_TTL / 2
+    assert any("host host-a restarted, its previous run gone: its 3 leases go on under new "
+               "generations" in line for line in engine.info_lines())

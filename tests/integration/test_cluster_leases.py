@@ -4,6 +4,8 @@ sync batch's transaction."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from supervisor_mail import cluster, folders, headers, messages
@@ -17,8 +19,8 @@ def add_accounts(db, n: int) -> list[int]:
             for k in range(n)]
 
 
-def member(cfg, host_id: str, instance: str | None = None) -> cluster.Member:
-    return cluster.Member(host_id, instance or f"test/{host_id}", 4711, cfg.cluster.lease_ttl)
+def member(cfg, host_id: str, instance: str | None = None, pid: int = 4711) -> cluster.Member:
+    return cluster.Member(host_id, instance or f"test/{host_id}", pid, cfg.cluster.lease_ttl)
 
 
 def held(db, host_id: str) -> set[int]:
@@ -94,7 +96,7 @@ def test_a_dead_hosts_expired_leases_go_to_the_survivor(db, cfg):
 
 
 def test_a_live_host_id_is_refused_and_a_dead_local_one_taken_over(db, cfg):
-    """A live host_id is refused; one whose local master is gone is taken, its leases lapse."""
+    """A live host_id is refused; one whose local master and group are gone goes on at once."""
     add_accounts(db, 2)
     live = member(cfg, "a", cluster.instance_of(4711))
     cluster.take_part(db, live)
@@ -102,12 +104,25 @@ def test_a_live_host_id_is_refused_and_a_dead_local_one_taken_over(db, cfg):
                                                 r"this database \(master pid 4711 on .*give "
                                                 r"every host its own \[engine\] host_id"):
         cluster.register(db, member(cfg, "a", "elsewhere/boot/1/1"))
+    # the row as a run of pid 4711 (no such group here) that started at another time
     gone = cluster.instance_of(4711).rsplit("/", 1)[0] + "/not-its-start-time"
     db.execute("UPDATE email_cluster_hosts SET instance = %s", (gone,))
     cluster.register(db, live)
-    assert db.execute("SELECT count(*) FROM email_account_leases WHERE releasing"
-                      " AND host_id = 'a'").fetchone()[0] == 2
     assert db.execute("SELECT instance FROM email_cluster_hosts").fetchone() == (live.instance,)
+    assert db.execute("SELECT releasing, generation FROM email_account_leases"
+                      " WHERE host_id = 'a'").fetchall() == [(False, 2)] * 2
+
+
+def test_a_restart_whose_old_processes_may_live_waits_for_its_leases_to_lapse(db, cfg):
+    """Its master gone but its process group still there: the old leases lapse first."""
+    add_accounts(db, 2)
+    leader = os.getpgrp()  # a group that exists: this test's own
+    cluster.take_part(db, member(cfg, "a", cluster.instance_of(leader), leader))
+    gone = cluster.instance_of(leader).rsplit("/", 1)[0] + "/not-its-start-time"
+    db.execute("UPDATE email_cluster_hosts SET instance = %s", (gone,))
+    cluster.register(db, member(cfg, "a", cluster.instance_of(leader), leader))
+    assert db.execute("SELECT releasing, generation FROM email_account_leases"
+                      " WHERE host_id = 'a'").fetchall() == [(True, 1)] * 2
 
 
 @pytest.fixture
