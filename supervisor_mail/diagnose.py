@@ -9,7 +9,7 @@ import os
 
 import psycopg
 
-from supervisor_mail import logs
+from supervisor_mail import logs, store
 from supervisor_mail.config import Config
 
 log = logging.getLogger("supervisor_mail.diagnose")
@@ -17,7 +17,7 @@ TIMEOUT = 3  # seconds for connecting and for the query: a hung database must no
 
 
 def blocking_backends(cfg: Config, backend_pid: int) -> list[tuple]:
-    with psycopg.connect(cfg.require("database.dsn"), autocommit=True, connect_timeout=TIMEOUT,
+    with psycopg.connect(store.dsn_of(cfg), autocommit=True, connect_timeout=TIMEOUT,
                          application_name="supervisor_mail diagnose") as conn:
         conn.execute("SELECT set_config('statement_timeout', %s, false)", (f"{TIMEOUT}s",))
         return conn.execute("""

