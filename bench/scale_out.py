@@ -22,27 +22,25 @@ duplicates=<n>``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
-from psycopg.conninfo import make_conninfo
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from supervisor_mail import accounts, config, store  # noqa: E402
+from supervisor_mail import accounts  # noqa: E402
 from supervisor_mail.embedded import cluster_check  # noqa: E402
 from supervisor_mail.embedded.engine import Engine  # noqa: E402
 from supervisor_mail.embedded.imap import available_servers, make_server  # noqa: E402
 from supervisor_mail.embedded.imap_admin import Mailbox  # noqa: E402
+from supervisor_mail.embedded.postgres import admin_server, scratch_database  # noqa: E402
 
 LEASE_TTL = 6
 INTERVAL = 1  # planner.interval, seconds
@@ -55,36 +53,6 @@ def message(run: int, n: int, k: int) -> bytes:
     return (f"From: bench@example.org\r\nTo: you@example.org\r\nSubject: scale {n}/{k}\r\n"
             f"Message-ID: <scale-{run}-{n}-{k}-{time.time_ns()}@bench.example.org>\r\n\r\n"
             f"{'body line ' * 20}\r\n").encode()
-
-
-@contextlib.contextmanager
-def admin_dsn() -> Iterator[str]:
-    """A DSN allowed to create databases: $TEST_DATABASE_DSN, else an embedded server."""
-    dsn = os.environ.get("TEST_DATABASE_DSN")
-    if dsn:
-        yield dsn
-        return
-    from supervisor_mail.embedded.postgres import EmbeddedPostgres
-
-    with EmbeddedPostgres() as pg:
-        yield pg.dsn()
-
-
-@contextlib.contextmanager
-def database(admin: str, name: str) -> Iterator[str]:
-    """A fresh database with the schema, dropped afterwards."""
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    dsn = make_conninfo(admin, dbname=name)
-    cfg = config.Config({**{s.name: s.default for s in config.SETTINGS}, "database.dsn": dsn})
-    try:
-        with store.connect(cfg, "bench") as conn:
-            store.initdb(conn)
-        yield dsn
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def wait(predicate, timeout: float, what: str, step: float = 0.05):
@@ -109,7 +77,7 @@ class Run:
 
 def one_run(n: int, admin: str, server_name: str, args: argparse.Namespace, tmp: Path) -> Run:
     """One cluster, one SIGKILL, on a fresh database and IMAP server."""
-    with database(admin, f"sm_bench_scale_{os.getpid()}_{n}") as dsn, \
+    with scratch_database(admin, f"sm_bench_scale_{os.getpid()}_{n}") as dsn, \
             make_server(server_name) as imap, psycopg.connect(dsn, autocommit=True) as db:
         users = []
         for k in range(args.accounts):
@@ -175,7 +143,7 @@ def main() -> int:
     args = parser.parse_args()
     server_name = "dovecot" if "dovecot" in available_servers() else "pymap"
     args.messages = args.messages or (40 if server_name == "dovecot" else 8)
-    with admin_dsn() as admin, tempfile.TemporaryDirectory(prefix="sm-bench-scale-") as tmp:
+    with admin_server() as admin, tempfile.TemporaryDirectory(prefix="sm-bench-scale-") as tmp:
         runs = [one_run(n, admin, server_name, args, Path(tmp)) for n in range(args.runs)]
 
     takeover = statistics.median(r.takeover_s for r in runs)
