@@ -27,17 +27,22 @@ class ImapProxy:
     what the server sends (to garble a response). ``tls``: the proxy's clients speak
     implicit TLS (port 993 style) with this server context. ``drop_fetch_of``: a UID whose
     body a FETCH asks for gets ``* BYE`` and a closed connection instead, as Dovecot
-    answers for a message file it cannot read. All may change while it runs.
+    answers for a message file it cannot read. ``stall_on``: once a client line contains
+    these bytes, nothing more is forwarded and the connection stays open until the client
+    leaves, which is what a hung server looks like. All may change while it runs.
     """
 
     def __init__(self, host: str, port: int, *, cut_after: int | None = None, cuts: int = 1,
-                 refuse_login: bytes | None = None, tls: ssl.SSLContext | None = None):
+                 refuse_login: bytes | None = None, tls: ssl.SSLContext | None = None,
+                 stall_on: bytes | None = None):
         self.upstream = (host, port)
         self.tls = tls  # a server context: clients speak implicit TLS to the proxy
         self.cut_after, self.cuts_left = cut_after, cuts
         self.refuse_login = refuse_login
         self.rewrite = None
         self.drop_fetch_of: int | None = None
+        self.stall_on = stall_on
+        self.stalls = 0
         self.connections = 0
         self.cuts_done = 0
         self.logins_refused = 0
@@ -102,6 +107,12 @@ class ImapProxy:
                     continue
                 if self._drops(line):
                     client.sendall(b"* BYE FETCH failed: Internal error occurred.\r\n")
+                    break
+                if self.stall_on and self.stall_on in line:
+                    with self._lock:
+                        self.stalls += 1
+                    for _ in reader:  # swallow everything until the client goes away
+                        pass
                     break
                 server.sendall(line)
         except OSError:

@@ -12,8 +12,8 @@ import warnings
 
 import psycopg
 import pytest
+from imap_proxy import ImapProxy
 from running_engine import add_account, duplicates, message, pid_alive, queue, stored
-from stall_proxy import StallProxy
 
 from supervisor_mail import control
 from supervisor_mail.state import remove_files
@@ -77,7 +77,7 @@ def test_poison_task_is_set_aside(engine_factory, db, imap_server, smtp_sink):
         box.create_folder("Poison")
         box.append("Poison", message(1))
         box.append("INBOX", message(2))
-    with StallProxy(imap_server.host, imap_server.port, b'"Poison"') as proxy, \
+    with ImapProxy(imap_server.host, imap_server.port, stall_on=b'"Poison"') as proxy, \
             Mailbox.for_account(healthy) as other:
         sick = add_account(db, poisoned, imap_port=proxy.port)
         well = add_account(db, healthy)
