@@ -11,6 +11,3 @@ PREFIX = "supervisor_mail: "
 def set_title(text: str) -> None:
     setproctitle.setproctitle(PREFIX + text)
 
-
-def get_title() -> str:
-    return setproctitle.getproctitle()

@@ -252,10 +252,6 @@ class Watchdog:
     def may_spawn(self, role: ProcessRole) -> bool:
         return role not in self.paused_roles
 
-    @property
-    def degraded(self) -> bool:
-        return bool(self.paused_roles) or time.monotonic() < self.backoff_until
-
     def publish(self) -> None:
         """Write the counters to the state DB for status and healthcheck."""
         db = self.master.statedb
