@@ -42,6 +42,8 @@ import psycopg
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from waiting import wait  # noqa: E402
+
 from supervisor_mail import accounts  # noqa: E402
 from supervisor_mail.embedded.engine import Engine  # noqa: E402
 from supervisor_mail.embedded.imap import available_servers, make_server  # noqa: E402
@@ -85,16 +87,6 @@ def stored_twice(conn: psycopg.Connection) -> int:
 def make_due(conn: psycopg.Connection, acntid: int) -> None:
     conn.execute("UPDATE email_folders SET last_recent_sync = NULL, last_full_sync = NULL "
                  "WHERE acntid = %s", (acntid,))
-
-
-def wait(predicate, timeout: float, what: str, step: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(step)
-    raise SystemExit(f"recovery_time: timed out after {timeout}s waiting for {what}")
 
 
 class Bench:

@@ -35,6 +35,8 @@ import psycopg
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from waiting import wait  # noqa: E402
+
 from supervisor_mail import accounts  # noqa: E402
 from supervisor_mail.embedded import cluster_check  # noqa: E402
 from supervisor_mail.embedded.engine import Engine  # noqa: E402
@@ -53,16 +55,6 @@ def message(run: int, n: int, k: int) -> bytes:
     return (f"From: bench@example.org\r\nTo: you@example.org\r\nSubject: scale {n}/{k}\r\n"
             f"Message-ID: <scale-{run}-{n}-{k}-{time.time_ns()}@bench.example.org>\r\n\r\n"
             f"{'body line ' * 20}\r\n").encode()
-
-
-def wait(predicate, timeout: float, what: str, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(step)
-    raise SystemExit(f"scale_out: timed out after {timeout}s waiting for {what}")
 
 
 @dataclass
