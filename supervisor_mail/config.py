@@ -254,6 +254,13 @@ class Config:
     def __getitem__(self, name: str) -> Any:
         return self.values[name]
 
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some values changed, keys written ``section__key``."""
+        values = dict(self.values)
+        for key, value in changes.items():
+            values[key.replace("__", ".", 1)] = value
+        return Config(values, self.source)
+
     @property
     def sync_workers(self) -> int:
         return self.engine.max_workers - self.engine.send_workers
