@@ -115,7 +115,7 @@ def test_status_of_a_stopped_engine_says_hung(tmp_path, db_dsn, db, imap, smtp_s
             began = time.monotonic()
             data = status_json(engine)
             assert time.monotonic() - began < 10
-            assert data["health"]["code"] == 1 and data["health"]["state"] == "hung"
+            assert data["health"]["code"] == 1 and data["health"]["state"] == "hung", data["health"]
             assert data["master"]["state"] == "stopped" and data["master"]["hung"]
             assert data["master"]["beat_age"] > 2
             assert len(data["processes"]) == len(stopped) - 1
