@@ -34,6 +34,7 @@ import threading
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
+from supervisor_mail import outbox
 from supervisor_mail.config import Config
 from supervisor_mail.state import MASTER_SLOT, StateDB, StateSnapshot, read_snapshot
 from supervisor_mail.states import ProcessRole, TaskState
@@ -200,10 +201,26 @@ def _engine(out: _Writer, cfg: Config, snap: StateSnapshot) -> None:
     out.family(PREFIX + "reset_backoff_seconds", "gauge",
                "Seconds before the watchdog may reset a stalled engine again.",
                [("", "", max(0.0, backoff - snap.wall) if backoff else 0.0)])
+    _backlog(out, snap)
     started = _fact(snap, "started_at")
     if started is not None:
         out.family(PREFIX + "master_start_time_seconds", "gauge",
                    "When the master started, in seconds since the epoch.", [("", "", started)])
+
+
+def _backlog(out: _Writer, snap: StateSnapshot) -> None:
+    """The outbox backlog as the planner last read it (absent before its first pass)."""
+    waiting = [(state, _fact(snap, f"outbox_{state}")) for state in outbox.WAITING]
+    if any(n is None for _, n in waiting):
+        return
+    out.family(PREFIX + "outbox_waiting", "gauge",
+               "Outbox messages not yet delivered, by state, as of the planner's last pass "
+               "(the queue is shared: every host reports all of it).",
+               [("", _labels(state=state), n) for state, n in waiting])
+    since = _fact(snap, "outbox_oldest_since")
+    out.family(PREFIX + "outbox_oldest_waiting_seconds", "gauge",
+               "Age of the oldest outbox message not yet delivered; 0 when none waits.",
+               [("", "", max(0.0, snap.wall - since) if since is not None else 0.0)])
 
 
 def _fact(snap: StateSnapshot, key: str) -> float | None:

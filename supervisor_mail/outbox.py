@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import class_row
 
 from supervisor_mail.config import Config
@@ -190,6 +191,40 @@ def defer_account(conn: psycopg.Connection, acntid: int, emobid: int, error: str
         WHERE acntid = %(acntid)s AND (state IN ('queued', 'deferred') OR emobid = %(id)s)""",
                         {"life": max_lifetime, "retry": retry, "error": error,
                          "acntid": acntid, "id": emobid}).rowcount
+
+
+WAITING = (OutboxState.QUEUED, OutboxState.DEFERRED, OutboxState.SENDING)
+
+
+@dataclass
+class Counts:
+    """Rows per state, and the age in seconds of the oldest row still waiting to go out."""
+
+    by_state: dict[str, int]
+    oldest_waiting_age: float | None
+
+
+def counts(conn: psycopg.Connection, acntid: int | None = None,
+           waiting_only: bool = False) -> Counts:
+    """Rows per state (of one account, or all); ``waiting_only`` counts only the states of
+    ``WAITING``, which the partial index covers: sent rows pile up for years, and the
+    planner reads this at every pass."""
+    waiting = sql.SQL(", ").join(sql.Literal(state.value) for state in WAITING)
+    where = sql.SQL("state IN ({})").format(waiting) if waiting_only else sql.SQL("true")
+    rows = conn.execute(sql.SQL("""
+        SELECT state, count(*),
+               extract(epoch FROM now() - min(queued_at) FILTER (WHERE state IN ({waiting})))
+                   ::float8
+        FROM email_outbox
+        WHERE {where} AND (%(acntid)s::bigint IS NULL OR acntid = %(acntid)s)
+        GROUP BY state""").format(where=where, waiting=waiting), {"acntid": acntid}).fetchall()
+    by_state = {state.value: 0 for state in (WAITING if waiting_only else OutboxState)}
+    oldest = None
+    for state, n, age in rows:
+        by_state[state] = n
+        if age is not None:
+            oldest = max(oldest or 0.0, age)
+    return Counts(by_state, oldest)
 
 
 def queue(conn: psycopg.Connection, acntid: int, **columns: object) -> int:

@@ -41,7 +41,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import psycopg
 from psycopg import sql
 
-from supervisor_mail import cluster, store
+from supervisor_mail import cluster, outbox, store
 from supervisor_mail.config import BY_NAME, Config
 from supervisor_mail.errors import DatabaseError, StateError
 from supervisor_mail.state import NewTask, StateDB
@@ -431,9 +431,10 @@ def plan_once(conn: psycopg.Connection, statedb: StateDB, cfg: Config,
     decide, enqueue.
 
     A fixed number of statements whatever the number of accounts: the fingerprint's,
-    the cluster's and one SELECT. The fingerprint comes first so that an upgrade which
-    breaks the rest is still reported to the watchdog. Raises HostConflictError when
-    another live engine holds this host_id.
+    the cluster's, one SELECT, and the outbox's backlog, which the planner records for
+    the metrics (the master serves them and never reads PostgreSQL). The fingerprint
+    comes first so that an upgrade which breaks the rest is still reported to the
+    watchdog. Raises HostConflictError when another live engine holds this host_id.
     """
     started = time.monotonic()
     now = time.time() if now is None else now
@@ -458,8 +459,16 @@ def plan_once(conn: psycopg.Connection, statedb: StateDB, cfg: Config,
         beat("enqueueing", None)
 
     added = statedb.enqueue(tasks, slots=slots, max_per_slot=cfg.engine.max_tasks_per_worker)
+    record_backlog(statedb, outbox.counts(conn, waiting_only=True), now)
     return PassResult(fingerprint, len(accounts), len(folders), len(tasks), added,
                       time.monotonic() - started, standing)
+
+
+def record_backlog(statedb: StateDB, backlog: outbox.Counts, now: float) -> None:
+    """The outbox rows waiting, per state, and since when the oldest waits, as engine facts."""
+    age = backlog.oldest_waiting_age
+    statedb.set_facts({**{f"outbox_{state}": n for state, n in backlog.by_state.items()},
+                       "outbox_oldest_since": None if age is None else now - age})
 
 
 def run_planner(cfg: Config, beat: Beat, should_stop: Callable[[], bool],

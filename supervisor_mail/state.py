@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
@@ -269,6 +271,19 @@ class StateDB:
 
     # --- heartbeats ---------------------------------------------------------------
 
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A short write transaction, taken at once (BEGIN IMMEDIATE) so it cannot deadlock
+        upgrading a read lock; rolled back on any exception."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
     def beat(self, slot: int, role: str, pid: int, phase: str, progress: int,
              task: Task | None = None, backend_pid: int | None = None, done: int = 0) -> None:
         """Record that the process in ``slot`` is alive now, and what it has done (one UPSERT).
@@ -353,9 +368,7 @@ class StateDB:
         loaded slice. A slice never holds more than ``max_per_slot``: what does not
         fit waits for the next planning pass. A task already queued is left alone.
         """
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self.transaction() as conn:
             owner = dict(conn.execute("SELECT acntid, slot FROM tasks WHERE state != ? "
                                       "GROUP BY acntid", (TaskState.SET_ASIDE,)).fetchall())
             load = dict.fromkeys(slots, 0)
@@ -381,10 +394,6 @@ class StateDB:
                     owner[task.acntid] = slot
                     load[slot] += 1
                     added += 1
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         return added
 
     def tasks(self, slot: int | None = None) -> list[Task]:
@@ -421,9 +430,15 @@ class StateDB:
     # --- engine facts ---------------------------------------------------------------
 
     def set_fact(self, key: str, value: object) -> None:
-        self.conn.execute("INSERT INTO engine (key, value) VALUES (?, ?) ON CONFLICT (key) "
-                          "DO UPDATE SET value = excluded.value",
-                          (key, None if value is None else str(value)))
+        self.set_facts({key: value})
+
+    def set_facts(self, facts: dict[str, object]) -> None:
+        """Set several facts in one transaction, so a reader sees all of them or none."""
+        with self.transaction() as conn:
+            conn.executemany("INSERT INTO engine (key, value) VALUES (?, ?) ON CONFLICT (key) "
+                             "DO UPDATE SET value = excluded.value",
+                             [(key, None if value is None else str(value))
+                              for key, value in facts.items()])
 
     def facts(self) -> dict[str, str | None]:
         return {row["key"]: row["value"]

@@ -59,7 +59,7 @@ from typing import Any
 
 import psycopg
 
-from supervisor_mail import cluster, control, planner, store
+from supervisor_mail import cluster, control, outbox, planner, store
 from supervisor_mail.config import Config, mask_dsn
 from supervisor_mail.errors import NotFoundError
 from supervisor_mail.state import MASTER_SLOT, StateSnapshot, Task, db_path, read_snapshot
@@ -184,14 +184,6 @@ _FOLDERS = """
     WHERE %(acntid)s::bigint IS NULL OR f.acntid = %(acntid)s
     ORDER BY f.acntid, f.emfdid"""
 
-_OUTBOX = """
-    SELECT state, count(*),
-           extract(epoch FROM now() - min(queued_at)
-                   FILTER (WHERE state IN ('queued', 'deferred', 'sending')))::float8
-    FROM email_outbox
-    WHERE %(acntid)s::bigint IS NULL OR acntid = %(acntid)s
-    GROUP BY state"""
-
 
 def read_only_session(cfg: Config) -> psycopg.Connection:
     """A read-only PostgreSQL session with the short timeouts above."""
@@ -209,16 +201,10 @@ def read_database(cfg: Config, acntid: int | None, now: float) -> dict[str, Any]
     with read_only_session(cfg) as conn:
         params = {"acntid": acntid}
         with conn.transaction():
-            outbox_rows = conn.execute(_OUTBOX, params).fetchall()
+            queue = outbox.counts(conn, acntid)
             account_rows = conn.execute(_ACCOUNTS, params).fetchall()
             folder_rows = conn.execute(_FOLDERS, params).fetchall()
-    counts = {s.value: 0 for s in OutboxState}
-    oldest = None
-    for state, n, age in outbox_rows:
-        counts[state] = n
-        if age is not None:
-            oldest = max(oldest or 0.0, age)
-    return {"outbox": {"counts": counts, "oldest_queued_age": oldest},
+    return {"outbox": {"counts": queue.by_state, "oldest_queued_age": queue.oldest_waiting_age},
             "accounts": accounts_part(cfg, account_rows, folder_rows, now,
                                       with_folders=acntid is not None)}
 

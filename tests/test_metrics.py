@@ -75,7 +75,9 @@ def test_engine_gauges_from_heartbeats_slices_and_facts():
         "x.db", heartbeats=[hb(MASTER_SLOT, "master", 0.5), hb(0, "sync", 1.5),
                             hb(2, "send", 3.0)],
         tasks=[task(0, "queued", 900.0), task(0, "queued", 2000.0), task(1, "set_aside", 1.0)],
-        facts={"resets": "3", "backoff_until": "1060", "started_at": "500"},
+        facts={"resets": "3", "backoff_until": "1060", "started_at": "500",
+               "outbox_queued": "4", "outbox_deferred": "2", "outbox_sending": "1",
+               "outbox_oldest_since": "880.5"},
         monotonic=100.0, wall=1000.0)
     got = samples(metrics.exposition(make_cfg(), snap))
     assert got[("supervisor_mail_heartbeat_age_seconds", (("role", "sync"), ("slot", "0")))] \
@@ -90,6 +92,16 @@ def test_engine_gauges_from_heartbeats_slices_and_facts():
     assert got[("supervisor_mail_reset_backoff_seconds", ())] == 60
     assert got[("supervisor_mail_master_start_time_seconds", ())] == 500
     assert got[("supervisor_mail_state_db_up", ())] == 1
+    assert got[("supervisor_mail_outbox_waiting", (("state", "queued"),))] == 4
+    assert got[("supervisor_mail_outbox_waiting", (("state", "deferred"),))] == 2
+    assert got[("supervisor_mail_outbox_oldest_waiting_seconds", ())] == 119.5
+
+
+def test_no_outbox_gauges_before_the_planner_has_counted():
+    """Before the planner's first pass there is no backlog to report, rather than a false 0."""
+    snap = StateSnapshot("x.db", facts={"outbox_oldest_since": None}, monotonic=1.0, wall=1.0)
+    got = samples(metrics.exposition(make_cfg(), snap))
+    assert not any(name.startswith("supervisor_mail_outbox") for name, _ in got)
 
 
 def test_an_unreadable_state_db_still_gives_valid_text(tmp_path):

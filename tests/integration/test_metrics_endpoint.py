@@ -39,7 +39,8 @@ def value(port: int, name: str, **labels: str) -> float:
 
 def test_counters_move_as_mail_is_synced_and_sent(tmp_path, db_dsn, db, imap, smtp_sink):
     """Five messages synced, then three more: messages_synced_total goes 5 -> 8 and bytes grow;
-    a delivery counts under sends_total{outcome="sent"} and in the latency histogram."""
+    a delivery counts under sends_total{outcome="sent"} and in the latency histogram; a
+    deferred message shows in the outbox backlog."""
     account = imap.new_account()
     with Mailbox.for_account(account) as mailbox:
         fill_mailbox(mailbox, "INBOX", 5)
@@ -80,6 +81,14 @@ def test_counters_move_as_mail_is_synced_and_sent(tmp_path, db_dsn, db, imap, sm
             assert 0 <= age < 5, (role, slot, age)
         assert ("supervisor_mail_sync_queue_depth", (("slot", "1"),)) in samples
         assert samples[("supervisor_mail_resets_total", ())] == 0
+        assert samples[("supervisor_mail_outbox_waiting", (("state", "queued"),))] == 0
+
+        smtp_sink.fail_at("RCPT", "451 4.3.0 Try again later")
+        queue(db, acntid, 2)
+        engine.wait_for(lambda: value(port, "supervisor_mail_outbox_waiting",
+                                      state="deferred") == 1, 20,
+                        "the planner to count the deferred message")
+        assert value(port, "supervisor_mail_outbox_oldest_waiting_seconds") > 0
 
         with pytest.raises(urllib.error.HTTPError) as missing:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
