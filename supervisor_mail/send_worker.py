@@ -1,9 +1,9 @@
 """A send worker: waits on LISTEN, claims outbox rows, delivers them, files the Sent copy.
 
-The engine runs one per send slot, after the fork, through ``outbox.run_send_worker``::
+The engine runs one per send slot, after the fork (``worker.SendProcess``)::
 
-    outbox.run_send_worker(cfg, slot=9, beat=process.beat, should_stop=process.should_stop,
-                           name="127.0.0.1/send 9/4711")
+    SendWorker(cfg, slot=9, beat=process.beat, should_stop=process.should_stop,
+               name="127.0.0.1/send 9/4711").run()
 
 - ``beat(phase, progress)`` is called on every turn of the loop, idle ("idle") or
   busy ("[53,-] sent", "[53,-] filing", "[53,-] checking sent"), from this thread

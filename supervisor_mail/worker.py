@@ -20,9 +20,12 @@ import signal
 import sys
 import time
 
-from supervisor_mail import logs, proctitle
+import psycopg
+
+from supervisor_mail import logs, planner, proctitle
 from supervisor_mail.config import Config
-from supervisor_mail.errors import DatabaseError
+from supervisor_mail.errors import DatabaseError, HostConflictError
+from supervisor_mail.send_worker import SendWorker
 from supervisor_mail.state import PLANNER_SLOT, StateDB, Task
 from supervisor_mail.states import ProcessRole
 
@@ -161,36 +164,27 @@ class PlannerProcess(Process):
     role = ProcessRole.PLANNER
 
     def work(self) -> None:
-        from supervisor_mail import planner
-        from supervisor_mail.errors import HostConflictError
-
         try:
             planner.run_planner(self.cfg, self.beat, self.should_stop,
                                 on_connect=self.record_backend, master_pid=self.master_pid)
         except HostConflictError as exc:
             raise BootError(str(exc)) from None  # another engine is this host: never start
 
-
     def record_backend(self, pid: int | None) -> None:
         """The planner's PostgreSQL backend, for the watchdog's pg_blocking_pids helper."""
         self.backend_pid = pid
 
 
-class SendWorker(Process):
-    """LISTENs for outbox rows and delivers them (supervisor_mail.outbox)."""
+class SendProcess(Process):
+    """LISTENs for outbox rows and delivers them (supervisor_mail.send_worker)."""
 
     role = ProcessRole.SEND
 
     def work(self) -> None:
-        import psycopg
-
-        from supervisor_mail import outbox
-
         name = f"{self.cfg.engine.host_id}/send {self.slot}/{os.getpid()}"
         while not self.stopping:
             try:
-                outbox.run_send_worker(self.cfg, self.slot, self.send_beat, self.should_stop,
-                                       name)
+                SendWorker(self.cfg, self.slot, self.send_beat, self.should_stop, name).run()
             except (psycopg.Error, DatabaseError) as exc:
                 # A lock or statement timeout, or a database away for a moment: the claim
                 # was not taken or is rolled back, so start the loop again shortly.
@@ -203,11 +197,3 @@ class SendWorker(Process):
         self.done = handled
         self.beat(phase, handled)
 
-
-def make_process(role: ProcessRole, cfg: Config, slot: int, log_stderr: bool) -> Process:
-    from supervisor_mail.sync_worker import SyncWorker
-
-    kinds: dict[ProcessRole, type[Process]] = {
-        ProcessRole.PLANNER: PlannerProcess, ProcessRole.SYNC: SyncWorker,
-        ProcessRole.SEND: SendWorker}
-    return kinds[role](cfg, slot, log_stderr)

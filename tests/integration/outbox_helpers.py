@@ -13,8 +13,9 @@ from pathlib import Path
 
 import psycopg
 
-from supervisor_mail import accounts, logs, outbox
+from supervisor_mail import accounts, logs
 from supervisor_mail.config import Config
+from supervisor_mail.send_worker import SendWorker
 
 FORK = multiprocessing.get_context("fork")
 
@@ -31,8 +32,7 @@ def _child(cfg: Config, slot: int, beats: Path) -> None:
         os.write(fd, f"{phase}\t{progress}\n".encode())
 
     name = f"{cfg.engine.host_id}/send {slot}/{os.getpid()}"
-    outbox.run_send_worker(cfg, slot, beat, lambda: bool(stopping) or os.getppid() != parent,
-                           name)
+    SendWorker(cfg, slot, beat, lambda: bool(stopping) or os.getppid() != parent, name).run()
 
 
 class Workers:
