@@ -34,7 +34,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 import psycopg
@@ -408,6 +408,17 @@ class Fence:
         with self._session_lock:
             yield
 
+    @contextmanager
+    def transaction(self, conn: psycopg.Connection, what: str) -> Iterator[None]:
+        """One transaction on the account's data (a batch, flag changes, a listing, a
+        cursor reset) that commits only while this host holds the lease under this
+        generation: ``bound_stall`` at its start, ``hold`` at its end (LeaseLost rolls
+        all of it back)."""
+        with self.committing(), conn.transaction():
+            self.bound_stall(conn)
+            yield
+            self.hold(conn, what)
+
     def bound_stall(self, conn: psycopg.Connection) -> None:
         """At a batch transaction's start: should this host stall inside it (cut off from
         the database), the server ends it after ``STALL_TTLS`` lease_ttl, releasing the
@@ -564,3 +575,10 @@ def overview(conn: psycopg.Connection, moves: int = 20) -> dict[str, object]:
     recent = [{"acntid": r[0], "from": r[1], "to": r[2], "generation": r[3], "reason": r[4],
                "moved_at": r[5]} for r in conn.execute(_MOVES, (moves,))]
     return {"hosts": hosts, "unleased": list(unleased), "moves": recent}
+
+
+def fenced(conn: psycopg.Connection, fence: Fence | None,
+           what: str) -> AbstractContextManager[object]:
+    """A transaction on an account's data: fenced by its lease in the engine's workers
+    (``Fence.transaction``), plain for ``supervisor-mail sync``, which has none."""
+    return fence.transaction(conn, what) if fence is not None else conn.transaction()

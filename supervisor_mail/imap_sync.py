@@ -22,7 +22,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import psycopg
@@ -202,7 +202,8 @@ def discover_folders(conn: psycopg.Connection, session: AccountSession) -> list[
     status, text = session.execute(command, on_list)
     if status != b"OK":
         raise ServerError(f"account {session.acntid}: LIST failed: {imap_wire.text(text)}")
-    return folders.record_listing(conn, session.acntid, listed, special_use)
+    with cluster.fenced(conn, session.fence, f"folder listing of account {session.acntid}"):
+        return folders.record_listing(conn, session.acntid, listed, special_use)
 
 
 @dataclass
@@ -320,7 +321,8 @@ class _FolderSync:
         self.beat("examine", self.progress.messages_done)
         state = self.state = self._examine()
         if state is None:
-            folders.mark_gone(self.conn, self.folder.emfdid)
+            with self._fenced("marking gone"):
+                folders.mark_gone(self.conn, self.folder.emfdid)
             self.result.gone = True
             return
         last_uid = self._check_uidvalidity(state)
@@ -333,9 +335,14 @@ class _FolderSync:
         full = self.kind is TaskKind.SYNC_FULL
         if full:
             self._reconcile(state)
-        with self.conn.transaction():
+        with self._fenced("end of sync"):
             folders.finish(self.conn, self.folder.emfdid, full,
                            state.highestmodseq if self.session.condstore else None)
+
+    def _fenced(self, what: str) -> AbstractContextManager[object]:
+        """A transaction on this folder's rows, committed only under the account's lease."""
+        return cluster.fenced(self.conn, self.session.fence,
+                              f"{what} of folder {self.folder.emfdid}")
 
     def _examine(self) -> FolderState | None:
         state = FolderState()
@@ -352,7 +359,7 @@ class _FolderSync:
 
     def _check_uidvalidity(self, state: FolderState) -> int:
         """The cursor to resume from; a new UIDVALIDITY retires the old rows and restarts it."""
-        with self.conn.transaction():
+        with self._fenced("UIDVALIDITY check"):
             stored, last_uid = folders.lock_cursor(self.conn, self.folder.emfdid)
             if stored == state.uidvalidity:
                 self.has_retired = messages.has_retired(self.conn, self.folder.emfdid)
@@ -490,9 +497,7 @@ def store_batch(conn: psycopg.Connection, emfdid: int, uidvalidity: int, last_ui
     written) and records the batch with its host and generation. Returns the messages
     actually written.
     """
-    with fence.committing() if fence is not None else nullcontext(), conn.transaction():
-        if fence is not None:
-            fence.bound_stall(conn)
+    with cluster.fenced(conn, fence, f"batch of {len(batch)} messages for folder {emfdid}"):
         # Not waiting for the WAL flush loses nothing: a batch lost with a PostgreSQL
         # crash is lost with its cursor advance (one transaction), so it is fetched
         # again from the server, which still has it.
@@ -506,7 +511,6 @@ def store_batch(conn: psycopg.Connection, emfdid: int, uidvalidity: int, last_ui
         messages.copy_new(conn, emfdid, uidvalidity, rest)
         folders.advance(conn, emfdid, last_uid)
         if fence is not None:
-            fence.hold(conn, f"batch of {len(batch)} messages for folder {emfdid}")
             fence.record(conn, emfdid, last_uid, len(fresh))
     return fresh
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from supervisor_mail import folders, imap_wire, messages
+from supervisor_mail import cluster, folders, imap_wire, messages
 from supervisor_mail.errors import DatabaseError, ServerError
 from supervisor_mail.fetching import FolderState, flag_names, parse_uid_set
 
@@ -69,6 +69,7 @@ class Reconcile:
     def _compare_all(self) -> None:
         stored = self._stored(self.upto)
         for start in range(0, len(stored), CHUNK):
+            self.beat("flags", start)
             chunk = stored[start:start + CHUNK]
             on_server: dict[int, list[str]] = {}
 
@@ -81,7 +82,6 @@ class Reconcile:
             changes = [(uid, flags, None) for uid, flags in on_server.items()
                        if uid in mine and mine[uid] != flags]
             self._write(changes, set(chunk) - set(on_server))
-            self.beat("flags", start + len(chunk))
 
     def _server_uids(self) -> set[int]:
         found: set[int] = set()
@@ -109,7 +109,8 @@ class Reconcile:
     def _write(self, changes: list, vanished: set[int]) -> None:
         if not changes and not vanished:
             return
-        with self.conn.transaction():
+        with cluster.fenced(self.conn, self.session.fence,
+                         f"flag changes of folder {self.emfdid}"):
             validity, _ = folders.lock_cursor(self.conn, self.emfdid)
             if validity != self.state.uidvalidity:
                 raise DatabaseError(f"folder {self.emfdid} was reset during its full sync")
