@@ -30,7 +30,7 @@ from supervisor_mail.states import TaskState
 MASTER_SLOT = -1
 PLANNER_SLOT = -2
 BUSY_TIMEOUT = 5.0  # seconds a statement waits for another process's write
-SCHEMA_VERSION = 2  # PRAGMA user_version; a file of another version is rebuilt, not migrated
+SCHEMA_VERSION = 3  # PRAGMA user_version; a file of another version is rebuilt, not migrated
 _ABANDONED: list[sqlite3.Connection] = []  # see StateDB.conn: never closed, never used
 
 SCHEMA = """
@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS heartbeats (
     progress    INTEGER NOT NULL DEFAULT 0,
     done        INTEGER NOT NULL DEFAULT 0,  -- work completed: commits, tasks, deliveries
     beat        REAL NOT NULL,           -- monotonic time of the last beat
-    started     REAL NOT NULL            -- monotonic time the process started
+    started     REAL NOT NULL,           -- monotonic time the process started
+    session_acntid INTEGER               -- the account whose IMAP session it holds open
 );
 CREATE TABLE IF NOT EXISTS engine (
     key   TEXT PRIMARY KEY,
@@ -123,6 +124,7 @@ class Heartbeat:
     done: int
     beat: float
     started: float
+    session_acntid: int | None = None
 
     def age(self, now: float | None = None) -> float:
         return (time.monotonic() if now is None else now) - self.beat
@@ -285,29 +287,34 @@ class StateDB:
         conn.execute("COMMIT")
 
     def beat(self, slot: int, role: str, pid: int, phase: str, progress: int,
-             task: Task | None = None, backend_pid: int | None = None, done: int = 0) -> None:
+             task: Task | None = None, backend_pid: int | None = None, done: int = 0,
+             session_acntid: int | None = None) -> None:
         """Record that the process in ``slot`` is alive now, and what it has done (one UPSERT).
 
         ``beat`` ages say a process is alive (the watchdog kills the silent ones);
         ``done`` growing says its role gets work done (the watchdog resets a role that
-        has due work but stopped getting it done).
+        has due work but stopped getting it done); ``session_acntid`` is the account
+        whose IMAP session a sync worker keeps open, whose next tasks ``enqueue`` gives
+        it rather than have a second worker log in to the same account.
         """
         now = time.monotonic()
         self.conn.execute("""
             INSERT INTO heartbeats (slot, role, pid, backend_pid, task_id, acntid, emfdid,
-                                    folder, phase, progress, done, beat, started)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                    folder, phase, progress, done, beat, started,
+                                    session_acntid)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             ON CONFLICT (slot) DO UPDATE SET
                 role = excluded.role, backend_pid = excluded.backend_pid,
                 task_id = excluded.task_id, acntid = excluded.acntid, emfdid = excluded.emfdid,
                 folder = excluded.folder, phase = excluded.phase, progress = excluded.progress,
                 done = excluded.done, beat = excluded.beat,
+                session_acntid = excluded.session_acntid,
                 started = CASE WHEN heartbeats.pid = excluded.pid THEN heartbeats.started
                                ELSE excluded.started END,
                 pid = excluded.pid""",
             (slot, role, pid, backend_pid, task.id if task else None,
              task.acntid if task else None, task.emfdid if task else None,
-             task.folder if task else None, phase, progress, done, now, now))
+             task.folder if task else None, phase, progress, done, now, now, session_acntid))
 
     def heartbeats(self) -> list[Heartbeat]:
         rows = self.conn.execute("SELECT * FROM heartbeats ORDER BY slot").fetchall()
@@ -364,12 +371,15 @@ class StateDB:
         """Put due tasks into the sync slices, in one short transaction; return how many.
 
         All tasks of one account go to the slice that already holds one of its
-        tasks, so one account never has two IMAP sessions; otherwise to the least
-        loaded slice. A slice never holds more than ``max_per_slot``: what does not
-        fit waits for the next planning pass. A task already queued is left alone.
+        tasks, or else to the worker that keeps the account's IMAP session open, so
+        one account never has two IMAP sessions; otherwise to the least loaded slice.
+        A slice never holds more than ``max_per_slot``: what does not fit waits for
+        the next planning pass. A task already queued is left alone.
         """
         with self.transaction() as conn:
-            owner = dict(conn.execute("SELECT acntid, slot FROM tasks WHERE state != ? "
+            owner = dict(conn.execute("SELECT session_acntid, slot FROM heartbeats "
+                                      "WHERE session_acntid IS NOT NULL").fetchall())
+            owner.update(conn.execute("SELECT acntid, slot FROM tasks WHERE state != ? "
                                       "GROUP BY acntid", (TaskState.SET_ASIDE,)).fetchall())
             load = dict.fromkeys(slots, 0)
             load.update((s, n) for s, n in conn.execute(

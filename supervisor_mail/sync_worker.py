@@ -39,7 +39,7 @@ class SyncWorker(Process):
         idle_since = time.monotonic()
         try:
             while not self.stopping:
-                task = self.statedb.claim(self.slot, self.open_acntid)
+                task = self.statedb.claim(self.slot, self.session_acntid)
                 if task is None:
                     if self.session and (time.monotonic() - idle_since > SESSION_IDLE_CLOSE
                                          or self.session.fence.left() <= 0):
@@ -55,8 +55,9 @@ class SyncWorker(Process):
                 self.conn.close()
 
     @property
-    def open_acntid(self) -> int | None:
-        return self.session.acntid if self.session else None
+    def session_acntid(self) -> int | None:
+        session = getattr(self, "session", None)  # None before the work loop starts
+        return session.acntid if session else None
 
     def run_task(self, task: Task) -> None:
         self.task = task
@@ -147,6 +148,9 @@ class SyncWorker(Process):
         self.beat("connect imap")
         self.session = imap_sync.AccountSession(conn, self.cfg, acntid, fence=fence)
         self.session.open()
+        # Recorded before the task can finish: from here the planner gives the account's
+        # next tasks to this worker, whose session stays open for them.
+        self.beat("imap session open")
 
     def close_session(self) -> None:
         if self.session is not None:

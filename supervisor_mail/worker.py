@@ -63,6 +63,12 @@ class Process:
         return "planner" if self.slot == PLANNER_SLOT else f"{self.role}-{self.slot}"
 
     @property
+    def session_acntid(self) -> int | None:
+        """The account whose IMAP session this process keeps open between tasks (a sync
+        worker's), recorded with every beat."""
+        return None
+
+    @property
     def tag(self) -> str:
         return "p" if self.slot == PLANNER_SLOT else f"t{self.slot}"
 
@@ -100,7 +106,8 @@ class Process:
             self._progress = progress
         assert self.statedb is not None
         self.statedb.beat(self.slot, self.role, os.getpid(), phase, self._progress,
-                          task=self.task, backend_pid=self.backend_pid, done=self.done)
+                          task=self.task, backend_pid=self.backend_pid, done=self.done,
+                          session_acntid=self.session_acntid)
         self.set_title(phase)
 
     def set_title(self, phase: str) -> None:

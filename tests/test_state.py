@@ -21,6 +21,31 @@ def test_one_account_stays_in_one_slice(tmp_path):
     assert by_account == {1: {0}, 2: {1}}
 
 
+def test_an_accounts_tasks_go_to_the_worker_keeping_its_session(tmp_path):
+    """With no task of account 7 left, the worker of slot 1 still keeps its IMAP session
+    open: the account's next tasks go to slot 1, not to the emptier slot 0; once the
+    session is closed, they go where there is room."""
+    db = StateDB(str(tmp_path / "h.db"))
+    db.enqueue([new(2, 20), new(3, 30)], slots=[0, 1], max_per_slot=10)  # one each
+    db.beat(1, "sync", os.getpid(), "idle", 0, session_acntid=7)
+    assert db.enqueue([new(7, 70), new(7, 71)], slots=[0, 1], max_per_slot=10) == 2
+    assert {t.slot for t in db.tasks() if t.acntid == 7} == {1}
+    assert db.heartbeats()[0].session_acntid == 7
+
+    for task in db.tasks():
+        db.finish(task.id)
+    db.beat(1, "sync", os.getpid(), "idle", 0)  # the session is closed
+    db.enqueue([new(2, 20)], slots=[0, 1], max_per_slot=10)
+    db.enqueue([new(7, 72)], slots=[0, 1], max_per_slot=10)
+    assert {t.acntid: t.slot for t in db.tasks()} == {2: 0, 7: 1}
+
+
+def test_set_facts_writes_all_of_them(tmp_path):
+    db = StateDB(str(tmp_path / "h.db"))
+    db.set_facts({"a": 1, "b": None})
+    assert db.facts() == {"a": "1", "b": None}
+
+
 def test_slices_are_capped_and_duplicates_ignored(tmp_path):
     """No slice holds more than max_per_slot; a task already queued is not added twice."""
     db = StateDB(str(tmp_path / "h.db"))

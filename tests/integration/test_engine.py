@@ -10,6 +10,8 @@ import subprocess
 
 from running_engine import Engine, add_account, duplicates, message, pid_alive, queue, stored
 
+from supervisor_mail.embedded import cluster_check
+from supervisor_mail.embedded.imap_admin import Mailbox
 from supervisor_mail.state import PLANNER_SLOT, remove_files
 
 LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\]\[#\d+\.(m|p|t\d+)\] \S.*?"
@@ -141,3 +143,29 @@ def test_workers_record_their_backend(engine_factory, db, mailbox, imap_account,
         name = db.execute("SELECT application_name FROM pg_stat_activity WHERE pid = %s",
                           (beat.backend_pid,)).fetchone()
         assert name == (f"supervisor_mail sync {beat.slot}",)
+
+
+def test_one_imap_session_per_account_across_workers(engine_factory, db, imap_server):
+    """Two accounts synced every second by two sync workers, whose sessions stay open
+    between tasks: the server never sees two sessions of one account at once (its own
+    log). Without the routing by open session, an account whose next task lands in the
+    other, idle slice is logged in to twice."""
+    logins = {}
+    for n in range(2):
+        account = imap_server.new_account()
+        with Mailbox.for_account(account) as box:  # logged out before the engine starts
+            box.append("INBOX", message(n))
+        logins[add_account(db, account)] = account.login
+    users = set(logins.values())
+    before = [s for s in cluster_check.sessions(imap_server) if s.user in users]
+    with engine_factory(sync__hi_recent_interval=1, sync__hi_recent_interval_nl=1) as engine:
+        engine.wait_for(lambda: all(stored(db, a) == 1 for a in logins), 60, "all mail stored")
+        engine.wait_for(lambda: len(synced_again(engine)) >= 16, 60, "sixteen more syncs")
+    found = [s for s in cluster_check.sessions(imap_server) if s.user in users]
+    assert len(found) >= len(before) + len(logins)  # the engine's own sessions are in it
+    assert cluster_check.overlapping_users(found, users) == set()
+
+
+def synced_again(engine) -> list[str]:
+    """The info log's lines of syncs that found nothing new (every one after the first)."""
+    return [line for line in engine.info_lines() if " received 0 new messages " in line]
