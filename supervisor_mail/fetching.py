@@ -169,7 +169,7 @@ def fetch_batch(session, plan: Plan, cfg: Config) -> list[Fetched]:
 
 def undeliverable(uid: int, size: int, reason: str) -> Fetched:
     """The row of a message the server will not send: its UID, size and why, nothing else."""
-    return Fetched(uid, [], None, size, None, None, headers.Headers(), reason)
+    return Fetched(uid, [], None, size, None, None, headers.Headers(), reason, undelivered=True)
 
 
 def _fetch(session, plan: Plan, cfg: Config, key: bytes) -> tuple[dict, bytes, bytes]:

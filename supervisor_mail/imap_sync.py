@@ -217,6 +217,7 @@ class SyncResult:
     skipped: int = 0             # of them, stored without their full bytes (reason recorded)
     flags_changed: int = 0
     expunged: int = 0            # marked deleted
+    delivered_late: int = 0      # messages the server could not deliver before, stored now
     uidvalidity_changed: bool = False
     gone: bool = False           # the folder no longer exists on the server
     stopped: bool = False        # should_stop() said so; the folder resumes next time
@@ -335,6 +336,7 @@ class _FolderSync:
         full = self.kind is TaskKind.SYNC_FULL
         if full:
             self._reconcile(state)
+            self._fetch_undelivered(state)
         with self._fenced("end of sync"):
             folders.finish(self.conn, self.folder.emfdid, full,
                            state.highestmodseq if self.session.condstore else None)
@@ -373,6 +375,28 @@ class _FolderSync:
             log.warning("UIDVALIDITY changed from %d to %d: %d messages retired, the folder is "
                         "synchronized again", stored, state.uidvalidity, retired, extra=self.where)
         return 0
+
+    def _fetch_undelivered(self, state: FolderState) -> None:
+        """Ask again, one at a time, for the messages the server could not deliver before.
+        A NO leaves the row as it is; a dropped connection ends the attempts of this sync
+        (a server that cannot read a file drops every session that asks for it), without
+        failing it: the next full sync tries again."""
+        waiting = messages.undelivered(self.conn, self.folder.emfdid, state.uidvalidity)
+        limit = self.cfg.sync.max_message_size
+        for uid, size in waiting:
+            self.beat("fetch undelivered", self.result.delivered_late)
+            try:
+                fetched = fetch_batch(self.session, Plan((uid,), (size,), size > limit), self.cfg)
+            except NetworkError as exc:
+                log.warning("message UID %d still not delivered, the server dropped the "
+                            "connection: %s", uid, exc, extra=self.where)
+                return
+            with self._fenced("late delivery"):
+                self.result.delivered_late += messages.deliver_late(
+                    self.conn, self.folder.emfdid, state.uidvalidity, fetched)
+        if waiting:
+            log.info("%d of %d messages the server could not deliver before are stored now",
+                     self.result.delivered_late, len(waiting), extra=self.where)
 
     def _fetch_new(self, state: FolderState, last_uid: int) -> None:
         sizes: dict[int, int] = {}

@@ -23,7 +23,8 @@ from supervisor_mail.headers import Headers
 @dataclass
 class Fetched:
     """One message as the server returned it. ``raw`` is None when only the headers were
-    kept, and ``skipped_reason`` then says why."""
+    kept, and ``skipped_reason`` then says why; ``undelivered`` when the server sent
+    nothing of it (a full sync asks for it again)."""
 
     uid: int
     flags: list[str]
@@ -33,13 +34,14 @@ class Fetched:
     raw: bytes | None
     headers: Headers
     skipped_reason: str | None = None
+    undelivered: bool = False
 
 
 COLUMNS = ("emfdid", "uidvalidity", "uid", "message_id", "subject", "from_addr", "to_addrs",
            "cc_addrs", "sent_date", "internaldate", "size", "flags", "modseq", "headers", "raw",
-           "skipped_reason")
+           "skipped_reason", "undelivered")
 _COPY_TYPES = ("int8", "int8", "int8", "text", "text", "text", "text", "text", "timestamptz",
-               "timestamptz", "int8", "text[]", "int8", "text", "bytea", "text")
+               "timestamptz", "int8", "text[]", "int8", "text", "bytea", "text", "bool")
 _COPY = f"COPY email_messages ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 
 
@@ -48,7 +50,7 @@ def row(emfdid: int, uidvalidity: int, m: Fetched) -> tuple:
     h = m.headers
     return (emfdid, uidvalidity, m.uid, h.message_id, h.subject, h.from_addr, h.to_addrs,
             h.cc_addrs, h.sent_date, m.internaldate, m.size, m.flags, m.modseq, h.block, m.raw,
-            m.skipped_reason)
+            m.skipped_reason, m.undelivered)
 
 
 def copy_new(conn: psycopg.Connection, emfdid: int, uidvalidity: int,
@@ -98,14 +100,36 @@ def adopt_retired(conn: psycopg.Connection, emfdid: int, uidvalidity: int,
         rows = waiting.get((m.headers.message_id, m.size))
         if rows:
             adopted.append((uidvalidity, m.uid, m.flags, m.modseq, m.internaldate, m.raw,
-                            m.skipped_reason, rows.pop(0)))
+                            m.skipped_reason, m.undelivered, rows.pop(0)))
         else:
             rest.append(m)
     with conn.cursor() as cur:
         cur.executemany("UPDATE email_messages SET uidvalidity = %s, uid = %s, flags = %s,"
                         " modseq = %s, internaldate = %s, raw = %s, skipped_reason = %s,"
-                        " retired_at = NULL WHERE emsgid = %s", adopted)
+                        " undelivered = %s, retired_at = NULL WHERE emsgid = %s", adopted)
     return rest
+
+
+def undelivered(conn: psycopg.Connection, emfdid: int, uidvalidity: int) -> list[tuple[int, int]]:
+    """(uid, size) of the folder's live messages the server could not deliver, ascending."""
+    return conn.execute(
+        "SELECT uid, size FROM email_messages WHERE emfdid = %s AND uidvalidity = %s"
+        " AND undelivered AND deleted_at IS NULL ORDER BY uid", (emfdid, uidvalidity)).fetchall()
+
+
+def deliver_late(conn: psycopg.Connection, emfdid: int, uidvalidity: int,
+                 fetched: Sequence[Fetched]) -> int:
+    """Fill in the rows of messages the server could not deliver before with what it
+    sent now (those it sent, still undelivered rows only); returns how many."""
+    names = COLUMNS[3:]  # all but the key (emfdid, uidvalidity, uid)
+    sent = [m for m in fetched if not m.undelivered]
+    with conn.cursor() as cur:
+        cur.executemany(
+            f"UPDATE email_messages SET ({', '.join(names)}) = "
+            f"({', '.join(['%s'] * len(names))}) WHERE emfdid = %s AND uidvalidity = %s"
+            " AND uid = %s AND undelivered AND deleted_at IS NULL",
+            [(*row(emfdid, uidvalidity, m)[3:], emfdid, uidvalidity, m.uid) for m in sent])
+    return len(sent)
 
 
 def live_uids(conn: psycopg.Connection, emfdid: int, uidvalidity: int, upto: int) -> list[int]:

@@ -33,6 +33,7 @@ from supervisor_mail.errors import (
     TransientServerError,
 )
 from supervisor_mail.imap_sync import AuthBackoffError
+from supervisor_mail.states import TaskKind
 
 
 def _wait_for(predicate, timeout: float = 30.0) -> None:
@@ -211,12 +212,15 @@ def test_implicit_tls_verifies_the_certificate(mailbox, imap_account, db, make_c
 
 
 def _unreadable_on_dovecot(imap_account, uid):
-    """Make the message's file unreadable to Dovecot (it reads mail as nobody)."""
+    """Make the message's file unreadable to Dovecot (it reads mail as nobody); returns
+    what makes it readable again."""
     maildir = imap_account.server.directory / "mail" / imap_account.login
     uidlist = (maildir / "dovecot-uidlist").read_text().splitlines()[1:]
     base = next(line.split(":", 1)[1] for line in uidlist if line.split()[0] == str(uid))
-    for path in maildir.glob(f"*/{base}*"):
+    modes = {path: path.stat().st_mode for path in maildir.glob(f"*/{base}*")}
+    for path in modes:
         path.chmod(0)
+    return lambda: [path.chmod(mode) for path, mode in modes.items()]
 
 
 # The real server's own failure where it can be provoked (Dovecot cannot read a file:
@@ -252,3 +256,45 @@ def test_message_the_server_cannot_send_is_recorded_and_the_folder_goes_on(
     del reference[victim]
     assert digests({u: r for u, r in stored(db, inbox.emfdid).items() if r}) == \
         digests(reference)
+
+
+@pytest.mark.parametrize("imap_server", [FIRST_SERVER], indirect=True)
+@pytest.mark.parametrize("breakage", BREAKAGES)
+def test_a_message_not_delivered_is_asked_for_again_by_each_full_sync(
+        mailbox, imap_account, db, make_cfg, db_dsn, breakage):
+    """While the server still cannot send it, a full sync succeeds and leaves its row as
+    it was; once the server can, the next full sync stores it byte-exact, and it is a
+    message like the others."""
+    uids = fill_mailbox(mailbox, "INBOX", 5)
+    reference = on_server(mailbox, "INBOX")
+    victim = uids[2]
+    cfg = make_cfg(db_dsn, sync__batch_size=3)
+    with ImapProxy(imap_account.server.host, imap_account.server.port) as proxy:
+        if breakage == "proxy-bye":
+            proxy.drop_fetch_of = victim
+            repair = lambda: setattr(proxy, "drop_fetch_of", None)  # noqa: E731
+        else:
+            repair = _unreadable_on_dovecot(imap_account, victim)
+        acntid = add_account(db, imap_account, host=proxy.host, port=proxy.port)
+        assert run_sync(cfg, acntid).skipped == 1
+        emfdid = folder_of(db, acntid, "INBOX").emfdid
+
+        def victim_row():
+            return db.execute("SELECT raw IS NULL, undelivered, skipped_reason FROM"
+                              " email_messages WHERE emfdid = %s AND uid = %s",
+                              (emfdid, victim)).fetchone()
+
+        with captured_log() as lines:
+            still = run_sync(cfg, acntid, kind=TaskKind.SYNC_FULL)
+        assert still.delivered_late == 0 and victim_row()[:2] == (True, True)
+        assert any(f"message UID {victim} still not delivered" in line for line in lines)
+        assert folder_of(db, acntid, "INBOX").last_error is None
+
+        repair()
+        with captured_log() as lines:
+            late = run_sync(cfg, acntid, kind=TaskKind.SYNC_FULL)
+        assert late.delivered_late == 1 and victim_row() == (False, False, None)
+        assert any("1 of 1 messages the server could not deliver before are stored now"
+                   in line for line in lines)
+        assert run_sync(cfg, acntid, kind=TaskKind.SYNC_FULL).delivered_late == 0
+    assert digests(stored(db, emfdid)) == digests(reference)
