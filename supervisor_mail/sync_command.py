@@ -58,7 +58,10 @@ def run(cfg: Config, account_ref: str, folder_name: str | None, full: bool,
             print(f"{folder.display_name}: {result.new} new messages, "
                   f"{result.bytes / 1e6:.1f} MB in {result.seconds:.1f}s ({rate:.0f} msg/s)"
                   + (f", {result.flags_changed} flag changes, {result.expunged} expunged"
-                     if full else ""), file=out)
+                     if full else "")
+                  + (f", {result.skipped} stored without their bytes" if result.skipped else "")
+                  + (f", {result.delivered_late} delivered late" if result.delivered_late
+                     else ""), file=out)
     return EXIT_FAILURE if failed else EXIT_OK
 
 
