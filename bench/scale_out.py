@@ -125,6 +125,11 @@ def one_run(n: int, admin: str, server_name: str, args: argparse.Namespace, tmp:
         # Told apart because it may be the server's log, not the engine: a session of the
         # killed host whose end the server never wrote counts as open until the end.
         unended = {by_login[s.user] for s in sessions if s.end is None and s.user in logins}
+        if unended:
+            log = imap.log_path.read_text(errors="replace").splitlines()
+            keys = {s.key for s in sessions if s.end is None and s.user in logins}
+            print("\n".join(f"server log, session never ended: {line}" for line in log
+                            if any(key in line for key in keys)), file=sys.stderr)
         return Run(first - killed, (moved or first) - killed, len(held), pending,
                    len(twice_on_imap | twice_committed), cluster_check.stored_twice(db),
                    len((twice_on_imap - twice_committed) & unended))
