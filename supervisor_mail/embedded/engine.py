@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from supervisor_mail import config, pidfile
-from supervisor_mail.state import MASTER_SLOT, StateDB, db_path, read_snapshot
+from supervisor_mail.state import StateDB, db_path, read_snapshot
 
 FAST = {
     "engine.max_workers": 4, "engine.send_workers": 2, "engine.stop_timeout": 5,
@@ -70,15 +70,15 @@ class Engine:
                                      stderr=subprocess.PIPE, start_new_session=True)
         self.wait_for(lambda: len(self.worker_pids()) >= self.expected_workers(), 30,
                       "all workers to start")
-        # the master forks its workers before its first beat: until it beats, a healthcheck
-        # rightly says "starting", which a test stopping the engine at once must not see
-        self.wait_for(self.master_beats, 30, "the master's first heartbeat")
+        # A process writes its PID file before its first beat, and the master forks its
+        # workers before its own: until all have beaten, status rightly says "starting",
+        # which a test that stops the engine at once must not see.
+        self.wait_for(self.all_beating, 30, "every process's first heartbeat")
         return self
 
-    def master_beats(self) -> bool:
-        snap = read_snapshot(db_path(self.cfg))
-        return any(hb.slot == MASTER_SLOT and hb.pid == self.master_pid
-                   for hb in snap.heartbeats)
+    def all_beating(self) -> bool:
+        beating = {hb.pid for hb in read_snapshot(db_path(self.cfg)).heartbeats}
+        return {self.master_pid, *self.worker_pids().values()} <= beating
 
     def expected_workers(self) -> int:
         return self.cfg.engine.max_workers + 1  # and the planner
