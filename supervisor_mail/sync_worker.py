@@ -31,10 +31,10 @@ DB_BUSY_RETRY = 2.0         # seconds before a task that met a lock or statement
 
 class SyncWorker(Process):
     role = ProcessRole.SYNC
+    session: imap_sync.AccountSession | None = None  # the open account's, kept across tasks
 
     def work(self) -> None:
         self.conn: psycopg.Connection | None = None
-        self.session: imap_sync.AccountSession | None = None
         self.guard = cluster.Guard()
         idle_since = time.monotonic()
         try:
@@ -56,8 +56,7 @@ class SyncWorker(Process):
 
     @property
     def session_acntid(self) -> int | None:
-        session = getattr(self, "session", None)  # None before the work loop starts
-        return session.acntid if session else None
+        return self.session.acntid if self.session else None
 
     def run_task(self, task: Task) -> None:
         self.task = task
