@@ -181,13 +181,20 @@ def test_starttls_verifies_the_certificate(imap_server, db, make_cfg, db_dsn):
         with Mailbox.for_account(account) as mailbox:
             fill_mailbox(mailbox, "INBOX", 2)
         acntid = add_account(db, account, security="starttls")
-        logins = tls_server.login_attempts(account.login)  # the filling session's
-        with pytest.raises(ServerError, match="certificate not trusted") as error:
-            run_sync(make_cfg(db_dsn), acntid)
-        assert not isinstance(error.value, AuthError)
-        assert tls_server.login_attempts(account.login) == logins
-        trusted = make_cfg(db_dsn, engine__tls_ca_file=str(tls_server.ca_pem_path))
-        assert run_sync(trusted, acntid).new == 2
+        _refused_until_trusted(tls_server, account.login, acntid, make_cfg, db_dsn,
+                               tls_server.ca_pem_path)
+
+
+def _refused_until_trusted(server, login, acntid, make_cfg, db_dsn, ca_pem_path) -> None:
+    """The sync fails on the untrusted certificate before any login (not as an auth
+    error), then stores the two waiting messages once engine.tls_ca_file names the CA."""
+    logins = server.login_attempts(login)  # the filling session's
+    with pytest.raises(ServerError, match="certificate not trusted") as error:
+        run_sync(make_cfg(db_dsn), acntid)
+    assert not isinstance(error.value, AuthError)
+    assert server.login_attempts(login) == logins
+    trusted = make_cfg(db_dsn, engine__tls_ca_file=str(ca_pem_path))
+    assert run_sync(trusted, acntid).new == 2
 
 
 def test_implicit_tls_verifies_the_certificate(mailbox, imap_account, db, make_cfg, db_dsn,
@@ -202,13 +209,8 @@ def test_implicit_tls_verifies_the_certificate(mailbox, imap_account, db, make_c
     server = imap_account.server
     with ImapProxy(server.host, server.port, tls=front) as proxy:
         acntid = add_account(db, imap_account, host=proxy.host, port=proxy.port, security="tls")
-        logins = server.login_attempts(imap_account.login)  # the filling session's
-        with pytest.raises(ServerError, match="certificate not trusted") as error:
-            run_sync(make_cfg(db_dsn), acntid)
-        assert not isinstance(error.value, AuthError)
-        assert server.login_attempts(imap_account.login) == logins
-        trusted = make_cfg(db_dsn, engine__tls_ca_file=str(files.ca_pem_path))
-        assert run_sync(trusted, acntid).new == 2
+        _refused_until_trusted(server, imap_account.login, acntid, make_cfg, db_dsn,
+                               files.ca_pem_path)
 
 
 def _unreadable_on_dovecot(imap_account, uid):
