@@ -41,19 +41,26 @@ class Session:
 
 
 def sessions(server: ImapServer) -> list[Session]:
-    """Every logged-in session in the server's log so far, in login order."""
+    """Every logged-in session in the server's log so far, in login order.
+
+    Dovecot's processes log through its log service, which may write a short session's
+    end (from the imap process) before its login (from imap-login); such a session
+    spans both lines, whichever comes first."""
     login, end = ((_DOVECOT_LOGIN, _DOVECOT_END) if server.name == "dovecot"
                   else (_PYMAP_LOGIN, _PYMAP_END))
     started: dict[str, tuple[str, int]] = {}
-    done: list[Session] = []
+    ended: dict[str, int] = {}
     for n, line in enumerate(server.log_path.read_text(errors="replace").splitlines()):
         if match := login.search(line):
             started[match["key"]] = (match["user"].strip('"'), n)
-        elif (match := end.search(line)) and match["key"] in started:
-            user, start = started.pop(match["key"])
-            done.append(Session(user, match["key"], start, n))
-    done += [Session(user, key, start, None) for key, (user, start) in started.items()]
-    return sorted(done, key=lambda s: s.start)
+        elif match := end.search(line):
+            ended.setdefault(match["key"], n)
+    found = []
+    for key, (user, start) in started.items():
+        stop = ended.get(key)
+        found.append(Session(user, key, start if stop is None else min(start, stop),
+                             None if stop is None else max(start, stop)))
+    return sorted(found, key=lambda s: s.start)
 
 
 def overlapping_users(found: list[Session], users: set[str] | None = None) -> set[str]:
