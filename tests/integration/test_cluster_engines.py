@@ -345,5 +345,7 @@ def test_a_host_restarted_goes_on_with_its_leases_at_once(hosts, db):
                             " AND generation = 2 AND NOT releasing").fetchone()[0] == 3, 10,
          "the leases under new generations", engine)
     assert time.monotonic() - started < LEASE_TTL / 2
-    assert any("host host-a restarted, its previous run gone: its 3 leases go on under new "
-               "generations" in line for line in engine.info_lines())
+    # the planner logs it just after the pass that committed the new generations
+    wait(lambda: any("host host-a restarted, its previous run gone: its 3 leases go on under "
+                     "new generations" in line for line in engine.info_lines()), 5,
+         "the restart logged", engine)
